@@ -1,0 +1,42 @@
+"""Shared fixtures. The environment is set before any Hugging Face import, so nothing goes online."""
+
+import os
+import tempfile
+
+_HF_HOME = tempfile.mkdtemp(prefix="pets-diffusion-hf-home-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY_UNET_CONFIG = {
+    "sample_size": 16,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "attention_resolutions": (8,),
+    "attention_head_dim": 16,
+    "norm_num_groups": 8,
+}
+
+
+@pytest.fixture
+def tiny_unet():
+    """A two-level PetsUNet2DModel on 16x16 images, with randomised output conv so outputs vary."""
+    from pets_diffusion import PetsUNet2DModel
+
+    torch.manual_seed(0)
+    model = PetsUNet2DModel(**TINY_UNET_CONFIG)
+    randomise_zero_inits(model)
+    return model.eval()
+
+
+def randomise_zero_inits(model: torch.nn.Module) -> None:
+    """Give zero-initialised layers random weights, so that every branch of the model matters."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.05)
