@@ -295,4 +295,3 @@ def _check_config(
                 f"Attention width {width} is not divisible by attention_head_dim "
                 f"({attention_head_dim}); choose a head size that divides it."
             )
-

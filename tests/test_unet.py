@@ -166,9 +166,7 @@ def test_dtype_move_and_train_eval():
     torch.testing.assert_close(out.float(), c, atol=0.1, rtol=0.1)
 
 
-@pytest.mark.parametrize(
-    "scheduler_class", [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler]
-)
+@pytest.mark.parametrize("scheduler_class", [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler])
 def test_ddpm_pipeline_with_each_scheduler(tiny_unet, scheduler_class):
     pipeline = DDPMPipeline(unet=tiny_unet, scheduler=scheduler_class(num_train_timesteps=100))
     pipeline.set_progress_bar_config(disable=True)
