@@ -1,0 +1,144 @@
+"""Training images: loading with `datasets`, unreadable-image handling, torchvision v2 transforms."""
+
+import io
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from datasets import Dataset, Image, load_dataset
+from PIL import Image as PILImage
+from torchvision.transforms import v2
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATASET = "pcuenq/oxford-pets"
+
+
+def load_image_dataset(
+    dataset_name: str | None = DEFAULT_DATASET,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | None = None,
+    image_column: str = "image",
+    cache_dir: str | None = None,
+    split: str = "train",
+) -> Dataset:
+    """Load a split of images from an image folder, a local dataset folder, parquet files or the Hub.
+
+    `train_data_dir` (an image folder) wins over `dataset_name`. Images are left undecoded: call
+    `drop_unreadable_images` and `with_training_transform` next.
+    """
+    if train_data_dir is not None:
+        if not os.path.isdir(train_data_dir):
+            raise FileNotFoundError(f"--train_data_dir {train_data_dir} is not a folder of images.")
+        dataset = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split=split)
+    elif dataset_name is not None and dataset_name.endswith(".parquet"):
+        dataset = load_dataset("parquet", data_files={split: dataset_name}, cache_dir=cache_dir, split=split)
+    else:
+        dataset = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
+    if image_column not in dataset.column_names:
+        raise ValueError(
+            f"The dataset has no column {image_column!r} (it has {dataset.column_names}); "
+            "name the image column with --image_column."
+        )
+    return dataset.select_columns([image_column]).cast_column(image_column, Image(decode=False))
+
+
+def decode_rgb(image: dict) -> PILImage.Image:
+    """Decode an undecoded `datasets` image (bytes or path) to an RGB PIL image.
+
+    Transparent images are composited on white; 16-bit, palette, CMYK and greyscale images are
+    converted. Raises `OSError` or `ValueError` for data that is not a readable image.
+    """
+    source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    with PILImage.open(source) as opened:
+        opened.load()
+        if opened.mode == "P" and "transparency" in opened.info:
+            opened = opened.convert("RGBA")
+        if opened.mode in ("RGBA", "LA", "PA"):
+            rgba = opened.convert("RGBA")
+            background = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return PILImage.alpha_composite(background, rgba).convert("RGB")
+        if opened.mode in ("I;16", "I;16B", "I;16L", "I"):
+            return opened.point(lambda value: value / 256).convert("L").convert("RGB")
+        return opened.convert("RGB")
+
+
+def _is_readable(image: dict) -> bool:
+    try:
+        decode_rgb(image)
+    except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError):
+        return False
+    return True
+
+
+def drop_unreadable_images(dataset: Dataset, image_column: str = "image") -> tuple[Dataset, list[str]]:
+    """Remove rows whose image cannot be decoded; return the kept rows and the names of those dropped."""
+    readable = [_is_readable(image) for image in dataset[image_column]]
+    dropped = [
+        _image_name(image, index) for index, (image, ok) in enumerate(zip(dataset[image_column], readable)) if not ok
+    ]
+    if dropped:
+        dataset = dataset.select([index for index, ok in enumerate(readable) if ok])
+        logger.warning("Skipped %d unreadable image(s): %s", len(dropped), ", ".join(dropped))
+    if len(dataset) == 0:
+        raise ValueError("The dataset has no readable images.")
+    return dataset, dropped
+
+
+def _image_name(image: dict, index: int) -> str:
+    return Path(image["path"]).name if image.get("path") else f"row {index}"
+
+
+def training_transform(resolution: int, center_crop: bool = False, random_flip: bool = True) -> v2.Compose:
+    """Resize the shorter side, crop to `resolution` (centre or random), maybe flip, scale to [-1, 1]."""
+    steps = [
+        v2.ToImage(),
+        v2.Resize(resolution, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+        v2.CenterCrop(resolution) if center_crop else v2.RandomCrop(resolution),
+    ]
+    if random_flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
+    return v2.Compose(steps)
+
+
+class TrainingImages(torch.utils.data.Dataset):
+    """Decoded, augmented training images: item `v` is image `v % n` as drawn in epoch `v // n`.
+
+    Each item's random crop and flip come from its own seed (run seed, epoch, index), never from the
+    global RNG, so augmentation does not depend on prefetching, worker processes or resuming.
+    Pair it with `EpochSampler`, which hands out such epoch-tagged indices.
+    """
+
+    def __init__(self, images: Dataset, transform: Callable, seed: int, image_column: str = "image"):
+        self.images, self.transform, self.seed, self.image_column = images, transform, seed, image_column
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, virtual_index: int) -> dict:
+        epoch, index = divmod(int(virtual_index), len(self.images))
+        image = decode_rgb(self.images[index][self.image_column])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            return {"input": self.transform(image)}
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A seeded shuffle per epoch (`set_epoch`), yielding indices tagged with the epoch for TrainingImages."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator) + self.epoch * self.size
+        return iter(order.tolist())

@@ -1,0 +1,193 @@
+"""Command-line options of `train_unconditional.py`: diffusers' example flags plus ours, and their checks."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .data import DEFAULT_DATASET
+
+
+class UsageError(ValueError):
+    """An argument the run cannot start with; the message names the problem and the fix."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump), exit status 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser: the same flags, meanings and defaults as diffusers' unconditional example, plus ours."""
+    parser = OneLineParser(
+        prog="train_unconditional.py",
+        description="Train PetsUNet2DModel as an unconditional DDPM (diffusers-compatible flags).",
+    )
+    add = parser.add_argument
+    # Data
+    add(
+        "--dataset_name",
+        default=DEFAULT_DATASET,
+        help="A Hub dataset, a local dataset folder or a .parquet file (default: %(default)s).",
+    )
+    add("--dataset_config_name", default=None, help="The dataset's config, if it has several.")
+    add("--train_data_dir", default=None, help="An image folder; wins over --dataset_name.")
+    add("--image_column", default="image", help="The dataset column holding the images.")
+    add("--cache_dir", default=None, help="Where downloaded datasets are cached.")
+    add("--resolution", type=int, default=64, help="Training images are resized and cropped to this.")
+    add("--center_crop", action="store_true", help="Crop at the centre instead of at random.")
+    add(
+        "--random_flip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Flip images horizontally at random (default on; --no-random_flip turns it off).",
+    )
+    add("--dataloader_num_workers", type=int, default=0, help="Data-loading worker processes.")
+    # Model and noise
+    add(
+        "--model_config_name_or_path",
+        default=None,
+        help="A folder or config.json for PetsUNet2DModel; default: the seed design at --resolution.",
+    )
+    add("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
+    add("--ddpm_num_steps", type=int, default=1000, help="Diffusion steps in training.")
+    add("--ddpm_num_inference_steps", type=int, default=1000, help="Sampling steps for sample grids.")
+    add("--ddpm_beta_schedule", default="linear", choices=["linear", "squaredcos_cap_v2"])
+    add("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is usual).")
+    # Optimisation
+    add("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    add("--num_epochs", type=int, default=100)
+    add("--max_train_steps", type=int, default=None, help="Total optimiser steps; overrides --num_epochs.")
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
+    add("--learning_rate", type=float, default=1e-4)
+    add(
+        "--lr_scheduler",
+        default="cosine",
+        choices=[
+            "linear",
+            "cosine",
+            "cosine_with_restarts",
+            "polynomial",
+            "constant",
+            "constant_with_warmup",
+        ],
+    )
+    add("--lr_warmup_steps", type=int, default=500)
+    add("--adam_beta1", type=float, default=0.95)
+    add("--adam_beta2", type=float, default=0.999)
+    add("--adam_weight_decay", type=float, default=1e-6)
+    add("--adam_epsilon", type=float, default=1e-08)
+    add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    add(
+        "--use_ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Keep an EMA of the weights and save it (default on; --no-use_ema turns it off).",
+    )
+    add("--ema_inv_gamma", type=float, default=1.0)
+    add("--ema_power", type=float, default=3 / 4)
+    add("--ema_max_decay", type=float, default=0.9999)
+    add("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    add("--seed", type=int, default=None, help="Seed for a reproducible (and exactly resumable) run.")
+    # Outputs
+    add("--output_dir", default="ddpm-model-64", help="Pipeline, checkpoints, logs and samples go here.")
+    add("--overwrite_output_dir", action="store_true", help="Empty --output_dir before training.")
+    add("--eval_batch_size", type=int, default=16, help="Images in each sample grid.")
+    add("--save_images_epochs", type=int, default=10, help="Sample a grid every N epochs.")
+    add("--save_images_steps", type=int, default=None, help="Sample a grid every N steps instead.")
+    add("--save_model_epochs", type=int, default=10, help="Save the pipeline every N epochs.")
+    add("--checkpointing_steps", type=int, default=500, help="Save the training state every N steps.")
+    add("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    add("--resume_from_checkpoint", default=None, help="A checkpoint folder, or `latest`.")
+    add("--logger", default="tensorboard", choices=["tensorboard", "wandb"])
+    add("--logging_dir", default="logs", help="TensorBoard folder, inside --output_dir.")
+    add("--local_rank", type=int, default=-1, help="Set by the launcher.")
+    # Hub
+    add("--push_to_hub", action="store_true", help="Push the pipeline to the Hub at each model save.")
+    add("--hub_token", default=None)
+    add("--hub_model_id", default=None, help="owner/name of the Hub repo (default: your name/output_dir).")
+    add("--hub_private_repo", action="store_true")
+    return parser  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse `argv` (default: sys.argv); LOCAL_RANK from the launcher wins over --local_rank."""
+    args = build_parser().parse_args(argv)
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1:
+        args.local_rank = env_local_rank
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Raise UsageError for the first argument the run cannot start with, before any heavy work."""
+    for name in (
+        "train_batch_size",
+        "eval_batch_size",
+        "gradient_accumulation_steps",
+        "num_epochs",
+        "ddpm_num_steps",
+        "ddpm_num_inference_steps",
+        "save_images_epochs",
+        "save_model_epochs",
+    ):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    for name in ("max_train_steps", "save_images_steps", "checkpointing_steps", "checkpoints_total_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be at least 1 when given, got {value}.")  # fmt: skip
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UsageError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine.")
+    _check_output_dir(Path(args.output_dir))
+    _check_data_source(args)
+    _check_resolution(args)
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        from .training import resolve_checkpoint
+
+        if not resolve_checkpoint(args.output_dir, args.resume_from_checkpoint).is_dir():
+            raise UsageError(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint folder; "
+                f"give a checkpoint-<step> folder in {args.output_dir} or `latest`."
+            )
+    if args.resume_from_checkpoint and args.overwrite_output_dir:
+        raise UsageError("--overwrite_output_dir would delete the checkpoint to resume from; drop one of them.")
+    if args.push_to_hub and args.hub_model_id is not None and args.hub_model_id.count("/") > 1:
+        raise UsageError(f"--hub_model_id {args.hub_model_id} is not a repo id; use owner/name or name.")
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {output_dir} is a file; name a folder.")
+    existing = output_dir if output_dir.exists() else next(p for p in output_dir.parents if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {output_dir} is not writable; choose a folder you can write to.")
+
+
+def _check_data_source(args: argparse.Namespace) -> None:
+    if args.train_data_dir is not None:
+        if not Path(args.train_data_dir).is_dir():
+            raise UsageError(f"--train_data_dir {args.train_data_dir} is not a folder; give a folder of images.")
+        return
+    name = args.dataset_name
+    looks_local = name.startswith((".", "/", "~")) or name.endswith(".parquet") or os.path.exists(name)
+    if looks_local and not Path(name).expanduser().exists():
+        raise UsageError(f"--dataset_name {name} does not exist; give a dataset folder, a .parquet file or a Hub name.")
+
+
+def _check_resolution(args: argparse.Namespace) -> None:
+    from .training import build_model_config
+
+    config = build_model_config(args)
+    factor = 2 ** len(config["block_out_channels"])
+    if args.resolution % factor:
+        raise UsageError(
+            f"--resolution {args.resolution} is not a multiple of {factor}, the UNet's total downsampling; "
+            f"use e.g. {max(factor, args.resolution // factor * factor)}."
+        )

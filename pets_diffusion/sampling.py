@@ -1,0 +1,129 @@
+"""Sampling: schedulers by name, `sample()`, image grids and the denoising trajectory."""
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers.utils import make_image_grid
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from tqdm.auto import tqdm
+
+SCHEDULERS = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+    "dpmsolver": DPMSolverMultistepScheduler,
+}
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpmsolver": 25}
+
+
+def make_scheduler(name: str, config) -> DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler:
+    """The scheduler called `name` (ddpm, ddim or dpmsolver: DPM-Solver++), built from a scheduler config."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}.")
+    return SCHEDULERS[name].from_config(config)
+
+
+def denoise(
+    unet: torch.nn.Module,
+    scheduler,
+    noise: torch.Tensor,
+    num_inference_steps: int,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run the reverse process from `noise` and return x_0 in [-1, 1].
+
+    `on_step(index, timestep, x_t, model_output)` is called at every step (for trajectories).
+    """
+    scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    sample = noise * scheduler.init_noise_sigma
+    for index, timestep in enumerate(tqdm(scheduler.timesteps, disable=not progress, leave=False)):
+        model_output = unet(scheduler.scale_model_input(sample, timestep), timestep).sample
+        if on_step is not None:
+            on_step(index, timestep, sample, model_output)
+        sample = scheduler.step(model_output, timestep, sample, generator=generator).prev_sample
+    return sample
+
+
+@torch.no_grad()
+def sample(
+    unet: torch.nn.Module,
+    scheduler,
+    num_images: int = 16,
+    num_inference_steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[Image.Image]:
+    """Generate `num_images` PIL images; the same seed and batch size give the same images.
+
+    Within a batch this matches `DDPMPipeline(unet, scheduler)(generator=manual_seed(seed))`.
+    """
+    steps = num_inference_steps or scheduler.config.num_train_timesteps
+    generator = torch.Generator().manual_seed(seed)
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    images = []
+    for start in tqdm(range(0, num_images, batch_size), disable=not progress, desc="batches"):
+        count = min(batch_size, num_images - start)
+        noise = randn_tensor((count, channels, size, size), generator=generator, device=unet.device, dtype=unet.dtype)
+        images.append(denoise(unet, scheduler, noise, steps, generator, progress=progress))
+    return to_pil(torch.cat(images))
+
+
+def to_pil(samples: torch.Tensor) -> list[Image.Image]:
+    """Images in [-1, 1], (B, C, H, W), to PIL images (as DDPMPipeline converts them)."""
+    array = (samples / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+    return DiffusionPipeline.numpy_to_pil(array)
+
+
+def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Arrange images in a near-square grid (diffusers' `make_image_grid`)."""
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    blank = Image.new(images[0].mode, images[0].size)
+    return make_image_grid(images + [blank] * (rows * columns - len(images)), rows, columns)
+
+
+def predicted_original(scheduler, sample: torch.Tensor, model_output: torch.Tensor, timestep) -> torch.Tensor:
+    """x̂_0 from x_t and the model output, for the scheduler's prediction type."""
+    alpha_bar = scheduler.alphas_cumprod.to(sample.device)[timestep].to(sample.dtype)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return (sample - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * sample - (1 - alpha_bar).sqrt() * model_output
+    if prediction_type == "sample":
+        return model_output
+    raise ValueError(f"Unknown prediction type {prediction_type!r}.")
+
+
+@torch.no_grad()
+def trajectory(
+    unet: torch.nn.Module,
+    scheduler,
+    num_samples: int = 4,
+    num_inference_steps: int | None = None,
+    num_frames: int = 8,
+    seed: int = 0,
+) -> Image.Image:
+    """A strip of the reverse process: one row per sample, columns x_t then x̂_0 at evenly spaced steps."""
+    steps = num_inference_steps or scheduler.config.num_train_timesteps
+    keep = set(np.linspace(0, steps - 1, num_frames).round().astype(int).tolist())
+    frames: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(index, timestep, sample_t, model_output):
+        if index in keep:
+            x0 = predicted_original(scheduler, sample_t, model_output, timestep).clamp(-1, 1)
+            frames.append((sample_t.clamp(-1, 1), x0))
+
+    generator = torch.Generator().manual_seed(seed)
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    noise = randn_tensor((num_samples, channels, size, size), generator=generator, device=unet.device, dtype=unet.dtype)
+    final = denoise(unet, scheduler, noise, steps, generator, on_step=record)
+    columns = [image for pair in frames for image in pair] + [final.clamp(-1, 1)]
+    per_row = torch.stack(columns, dim=1).flatten(0, 1)  # sample-major: row i is sample i
+    return make_image_grid(to_pil(per_row), rows=num_samples, cols=len(columns))
