@@ -211,6 +211,8 @@ def train(args) -> dict:
         if args.overwrite_output_dir:
             shutil.rmtree(args.output_dir, ignore_errors=True)
         os.makedirs(args.output_dir, exist_ok=True)
+        arguments = {key: value for key, value in vars(args).items() if key != "hub_token"}
+        Path(args.output_dir, "training_args.json").write_text(json.dumps(arguments, indent=2) + "\n")
     accelerator.wait_for_everyone()
 
     model = build_model(args)
@@ -392,6 +394,8 @@ def train(args) -> dict:
         if (epoch % args.save_model_epochs == 0 or last_epoch) and accelerator.is_main_process:
             with EMAWeights(ema, unwrapped) as unet:
                 save_pipeline(unet, noise_scheduler, args.output_dir)
+            if args.push_to_hub:
+                push_run(args, f"Epoch {epoch}, step {global_step}")
         accelerator.wait_for_everyone()
 
     progress.close()
@@ -418,6 +422,22 @@ def train(args) -> dict:
         Path(args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     accelerator.end_training()
     return summary
+
+
+def push_run(args, commit_message: str) -> None:
+    """Push the saved pipeline to the Hub; a failed push is logged, the local output is kept."""
+    from huggingface_hub import HfApi
+
+    from .hub import HubError, push_to_hub
+
+    try:
+        repo_id = args.hub_model_id or Path(args.output_dir).name
+        if "/" not in repo_id:
+            repo_id = f"{HfApi(token=args.hub_token).whoami()['name']}/{repo_id}"
+        url = push_to_hub(args.output_dir, repo_id, args.hub_private_repo, None, commit_message, args.hub_token)
+        logger.info(f"Pushed to {url}")
+    except (HubError, OSError) as error:
+        logger.error(f"Push to the Hub failed; the pipeline is saved in {args.output_dir}: {error}")
 
 
 def write_sample_grid(unet, noise_scheduler, args, accelerator: Accelerator, step: int) -> None:

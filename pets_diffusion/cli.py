@@ -1,0 +1,160 @@
+"""The `pets-diffusion` command: sample, evaluate, push and plot-loss."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from .options import OneLineParser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"pets-diffusion {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(error, (ValueError, FileNotFoundError)) else 1) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="pets-diffusion", description="Sample, evaluate and share pets-diffusion models.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    sample = commands.add_parser("sample", help="Generate images from a pipeline folder or Hub repo.")
+    _add_sampler_options(sample)
+    sample.add_argument("--num-images", type=int, default=16)
+    sample.add_argument("--out", type=Path, default=None, help="Write a grid of all images here (PNG).")
+    sample.add_argument("--out-dir", type=Path, default=None, help="Write one PNG per image here.")
+    sample.add_argument("--trajectory", type=Path, default=None,
+                        help="Also write the denoising trajectory (x_t, predicted x_0) of 4 samples.")  # fmt: skip
+    sample.set_defaults(run=run_sample)
+
+    evaluate = commands.add_parser("evaluate", help="FID/KID of generated images against a reference dataset.")
+    _add_sampler_options(evaluate)
+    evaluate.add_argument("--reference", required=True, help="A `datasets` name or local dataset/image folder.")
+    evaluate.add_argument("--split", default="train")
+    evaluate.add_argument("--image-column", default="image")
+    evaluate.add_argument("--num-samples", type=int, default=1000, help="Images to generate.")
+    evaluate.add_argument("--metrics", default="fid,kid", help="Comma-separated: fid, kid.")
+    evaluate.add_argument("--inception-weights", type=Path, default=None,
+                          help="torch-fidelity's Inception weights (pt_inception-2015-12-05-*.pth).")  # fmt: skip
+    evaluate.add_argument("--report", type=Path, default=None,
+                          help="JSON report path (default: MODEL/evaluation.json for a local folder).")  # fmt: skip
+    evaluate.add_argument("--cache-dir", type=Path, default=None, help="Where reference statistics are cached.")
+    evaluate.set_defaults(run=run_evaluate)
+
+    push = commands.add_parser("push", help="Push a training output folder to the Hub.")
+    push.add_argument("output_dir", type=Path)
+    push.add_argument("--repo-id", required=True, help="owner/name")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", default=None, help="Branch to push to (created if missing).")
+    push.add_argument("--commit-message", default=None)
+    push.add_argument("--token", default=None)
+    push.set_defaults(run=run_push)
+
+    plot = commands.add_parser("plot-loss", help="Redraw a run's loss curve from its TensorBoard events.")
+    plot.add_argument("run_dir", type=Path)
+    plot.add_argument("--out", type=Path, default=None, help="Default: RUN_DIR/loss_curve.png")
+    plot.set_defaults(run=run_plot_loss)
+    return parser
+
+
+def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="A pipeline folder or a Hub repo id.")
+    parser.add_argument("--scheduler", default="dpmsolver", choices=["ddpm", "ddim", "dpmsolver"])
+    parser.add_argument("--steps", type=int, default=None, help="Default: 1000 (ddpm), 50 (ddim), 25 (dpmsolver).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+
+
+def run_sample(args) -> None:
+    from . import sampling
+
+    if args.out is None and args.out_dir is None and args.trajectory is None:
+        raise ValueError("say where to write: --out grid.png, --out-dir FOLDER and/or --trajectory strip.png")
+    unet, scheduler, steps = _load_sampler(args)
+    if args.out is not None or args.out_dir is not None:
+        images = sampling.sample(unet, scheduler, args.num_images, steps, args.seed, args.batch_size, progress=True)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            sampling.grid(images).save(args.out)
+            print(f"wrote {args.out}")
+        if args.out_dir is not None:
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            for index, image in enumerate(images):
+                image.save(args.out_dir / f"{index:05d}.png")
+            print(f"wrote {len(images)} images to {args.out_dir}")
+    if args.trajectory is not None:
+        args.trajectory.parent.mkdir(parents=True, exist_ok=True)
+        sampling.trajectory(unet, scheduler, num_inference_steps=steps, seed=args.seed).save(args.trajectory)
+        print(f"wrote {args.trajectory}")
+
+
+def run_evaluate(args) -> None:
+    from .evaluation import evaluate
+
+    unet, scheduler, steps = _load_sampler(args)
+    report_path = args.report or (Path(args.model) / "evaluation.json" if Path(args.model).is_dir() else None)
+    if report_path is None:
+        raise ValueError("give --report PATH for a Hub model")
+    report = evaluate(
+        unet, scheduler, args.reference, split=args.split, image_column=args.image_column,
+        num_samples=args.num_samples, num_inference_steps=steps, scheduler_name=args.scheduler,
+        seed=args.seed, batch_size=args.batch_size, metrics=args.metrics.split(","),
+        inception_weights=args.inception_weights, cache_dir=args.cache_dir, model_name=args.model,
+        report_path=report_path,
+    )  # fmt: skip
+    for name, value in report["metrics"].items():
+        print(f"{name}: {value:.6g}")
+    print(f"wrote {report_path}")
+
+
+def run_push(args) -> None:
+    from .hub import push_to_hub
+
+    url = push_to_hub(args.output_dir, args.repo_id, args.private, args.revision, args.commit_message, args.token)
+    print(f"pushed {args.output_dir} to {url}")
+
+
+def run_plot_loss(args) -> None:
+    from .plotting import plot_loss_curve
+
+    out = args.out or args.run_dir / "loss_curve.png"
+    logs = args.run_dir / "logs" if (args.run_dir / "logs").is_dir() else args.run_dir
+    print(f"wrote {plot_loss_curve(logs, out)}")
+
+
+def _load_sampler(args):
+    """The UNet (on --device, in --dtype), the --scheduler built from the model's config, and the step count."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from . import sampling
+    from .unet import PetsUNet2DModel
+
+    folder = _model_folder(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    unet = PetsUNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=getattr(torch, args.dtype))
+    unet = unet.to(device).eval()
+    scheduler = sampling.make_scheduler(args.scheduler, DDPMScheduler.load_config(folder, subfolder="scheduler"))
+    return unet, scheduler, args.steps or sampling.DEFAULT_STEPS[args.scheduler]
+
+
+def _model_folder(model: str) -> str:
+    """A local pipeline folder as is; a Hub repo id downloaded (pipeline files only, no code is run)."""
+    if Path(model).is_dir():
+        if not (Path(model) / "unet" / "config.json").is_file():
+            raise FileNotFoundError(f"{model} holds no pipeline (no unet/config.json); train or download one first.")
+        return model
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "scheduler/*.json", "unet/config.json", "unet/*.safetensors"]
+    try:
+        return snapshot_download(model, allow_patterns=patterns)
+    except Exception as error:  # noqa: BLE001 - huggingface_hub raises many kinds; all mean "not loadable"
+        raise FileNotFoundError(
+            f"{model} is neither a local pipeline folder nor a loadable Hub repo ({error})"
+        ) from None

@@ -1,0 +1,208 @@
+"""Share a trained pipeline: export it for the Hub (remote-code UNet, model card), then push it."""
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from . import unet as unet_module
+
+REMOTE_MODULE = "pets_unet"  # unet/pets_unet.py on the Hub; model_index.json names ["pets_unet", "PetsUNet2DModel"]
+PIPELINE_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+)
+SAMPLES_IMAGE = "samples.png"
+LOSS_IMAGE = "loss_curve.png"
+
+
+class HubError(RuntimeError):
+    """A push that could not be done; the message is one line saying why and what to do."""
+
+
+def export_for_hub(output_dir: str | Path, export_dir: str | Path, repo_id: str = "your-name/pets-ddpm") -> Path:
+    """Write what a Hub repo holds into `export_dir`: the pipeline with the UNet as remote code, card, images.
+
+    `output_dir` (a training output) is only read. Nothing else is taken from it: no checkpoints,
+    optimiser states, logs or pickled weights.
+    """
+    output_dir, export_dir = Path(output_dir), Path(export_dir)
+    missing = [name for name in PIPELINE_FILES if not (output_dir / name).is_file()]
+    if missing:
+        raise HubError(
+            f"{output_dir} holds no saved pipeline (missing {', '.join(missing)}); "
+            "point at a train_unconditional.py --output_dir after its first model save."
+        )
+    for name in PIPELINE_FILES[1:]:
+        (export_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(output_dir / name, export_dir / name)
+    shutil.copyfile(unet_module.__file__, export_dir / "unet" / f"{REMOTE_MODULE}.py")
+    model_index = json.loads((output_dir / "model_index.json").read_text())
+    model_index["unet"] = [REMOTE_MODULE, "PetsUNet2DModel"]
+    (export_dir / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+
+    samples = sorted((output_dir / "samples").glob("step-*.png"))
+    if samples:
+        shutil.copyfile(samples[-1], export_dir / SAMPLES_IMAGE)
+    if (output_dir / LOSS_IMAGE).is_file():
+        shutil.copyfile(output_dir / LOSS_IMAGE, export_dir / LOSS_IMAGE)
+    render_model_card(output_dir, repo_id, export_dir).save(export_dir / "README.md")
+    return export_dir
+
+
+def push_to_hub(
+    output_dir: str | Path,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> str:
+    """Export `output_dir` and upload it to `repo_id` in one commit; return the commit URL."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise HubError(f"{repo_id!r} is not a valid repo id ({error}); use owner/name.") from None
+    if "/" not in repo_id:
+        raise HubError(f"{repo_id!r} is not a full repo id; use owner/name (e.g. your user name/{repo_id}).")
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="pets-diffusion-hub-") as staging:
+        export_for_hub(output_dir, staging, repo_id)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if revision is not None:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=staging,
+                revision=revision,
+                commit_message=commit_message or "Upload pets-diffusion DDPM pipeline",
+            )
+        except HfHubHTTPError as error:
+            raise HubError(_explain(error, repo_id)) from None
+        except OSError as error:  # connection refused, DNS, TLS: no commit was made
+            raise HubError(f"could not reach the Hub ({error}); check the network or HF_ENDPOINT.") from None
+    return commit.commit_url
+
+
+def _explain(error: HfHubHTTPError, repo_id: str) -> str:
+    status = error.response.status_code if error.response is not None else None
+    advice = {
+        401: "the token was refused: log in with `hf auth login` or pass --token",
+        403: f"the token may not write to {repo_id}: use a write token for that owner",
+        404: f"{repo_id} or the revision was not found: check the owner, name and --revision",
+    }.get(status, "the Hub failed: try again later")
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"push to {repo_id} failed, nothing was committed: {advice} (HTTP {status}: {first_line})"
+
+
+def render_model_card(output_dir: str | Path, repo_id: str, export_dir: str | Path | None = None) -> ModelCard:
+    """The model card of a training output, from the `model_card.md` template and the run's records."""
+    output_dir = Path(output_dir)
+    unet_config = json.loads((output_dir / "unet" / "config.json").read_text())
+    scheduler_config = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
+    args = _read_json(output_dir / "training_args.json")
+    summary = _read_json(output_dir / "train_summary.json")
+    dataset = args.get("dataset_name") or "pcuenq/oxford-pets"
+    hub_dataset = args.get("train_data_dir") is None and not Path(dataset).expanduser().exists()
+    card_data = ModelCardData(
+        library_name="diffusers",
+        license="cc-by-sa-4.0",
+        datasets=[dataset] if hub_dataset else None,
+        pipeline_tag="unconditional-image-generation",
+        tags=["unconditional-image-generation", "diffusers", "pytorch", "ddpm", "diffusion-models-class", "pets"],
+        model_name=repo_id.split("/")[-1],
+    )
+    levels = len(unet_config["block_out_channels"])
+    bottleneck = unet_config["sample_size"] // 2**levels
+    export_dir = Path(export_dir) if export_dir is not None else output_dir
+    ema = "on" if args.get("use_ema", True) else "off"
+    if args.get("use_ema", True) and "ema_max_decay" in args:
+        ema = f"on (max decay {args['ema_max_decay']}, power {args['ema_power']}; the weights here are the EMA's)"
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(model_card_template()),
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        module_file=f"{REMOTE_MODULE}.py",
+        resolution=unet_config["sample_size"],
+        samples_image=SAMPLES_IMAGE if (export_dir / SAMPLES_IMAGE).is_file() else "",
+        loss_image=LOSS_IMAGE if (export_dir / LOSS_IMAGE).is_file() else "",
+        parameters=f"{summary['parameters'] / 1e6:.1f} M" if "parameters" in summary else "see unet/config.json",
+        block_out_channels=" → ".join(str(width) for width in unet_config["block_out_channels"]),
+        layers_per_block=unet_config["layers_per_block"],
+        attention_resolutions=", ".join(f"{size}×{size}" for size in unet_config["attention_resolutions"]),
+        bottleneck=f"{bottleneck}×{bottleneck}",
+        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+        beta_schedule=scheduler_config.get("beta_schedule", "linear"),
+        num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
+        dataset_description=_dataset_description(args, summary, dataset, hub_dataset),
+        global_step=summary.get("global_step", "unknown"),
+        total_batch_size=summary.get("total_batch_size", "unknown"),
+        learning_rate=args.get("learning_rate", "unknown"),
+        lr_scheduler=args.get("lr_scheduler", "unknown"),
+        lr_warmup_steps=args.get("lr_warmup_steps", "unknown"),
+        ema=ema,
+        mixed_precision=summary.get("mixed_precision", args.get("mixed_precision", "unknown")),
+        hardware=_hardware(summary),
+        wall_time=_duration(summary.get("wall_time_s")),
+        evaluation=_evaluation(output_dir / "evaluation.json"),
+    )
+
+
+def model_card_template() -> Path:
+    """`model_card.md`: beside the package in a source checkout, or where the wheel installed it."""
+    for candidate in (
+        Path(__file__).resolve().parents[1] / "model_card.md",
+        Path(sys.prefix) / "share" / "pets-diffusion" / "model_card.md",
+    ):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("model_card.md template not found; reinstall pets-diffusion.")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _dataset_description(args: dict, summary: dict, dataset: str, hub_dataset: bool) -> str:
+    count = summary.get("train_images")
+    source = f"[{dataset}](https://huggingface.co/datasets/{dataset})" if hub_dataset else "a local copy"
+    text = f"Oxford-IIIT Pet (Parkhi et al., 2012), from {source}"
+    text += f": {count} images." if count else "."
+    skipped = summary.get("skipped_images") or []
+    if skipped:
+        text += f" {len(skipped)} unreadable image(s) were skipped."
+    return text
+
+
+def _hardware(summary: dict) -> str:
+    if "device_name" not in summary:
+        return "unknown"
+    processes = summary.get("world_size", 1)
+    return f"{processes} × {summary['device_name']}" if processes > 1 else summary["device_name"]
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min {rest % 60} s"
+
+
+def _evaluation(report_path: Path) -> str:
+    """A table of FID/KID with the protocol, from `pets-diffusion evaluate`'s report, when there is one."""
+    if not report_path.is_file():
+        return "Not evaluated yet: `pets-diffusion evaluate` writes FID/KID with their protocol."
+    report = json.loads(report_path.read_text())
+    rows = [f"| {name} | {value:.4g} |" for name, value in report.get("metrics", {}).items()]
+    protocol = report.get("protocol", {})
+    described = "; ".join(f"{key}: {value}" for key, value in protocol.items())
+    return "| metric | value |\n|---|---|\n" + "\n".join(rows) + f"\n\nProtocol: {described}."

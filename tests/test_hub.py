@@ -1,0 +1,254 @@
+"""Pushing to and loading from a Hub: the real huggingface_hub client against a local Hub server."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import DDPMScheduler
+
+from pets_diffusion import PetsUNet2DModel
+from pets_diffusion.training import save_pipeline
+
+from .conftest import randomise_zero_inits
+from .hub_server import HubServer
+
+PETS_DIFFUSION = Path(sys.executable).with_name("pets-diffusion")
+EXPECTED_REPO_FILES = {
+    "README.md",
+    "loss_curve.png",
+    "model_index.json",
+    "samples.png",
+    "scheduler/scheduler_config.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/pets_unet.py",
+}
+
+
+@pytest.fixture(scope="module")
+def hub():
+    server = HubServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def hub_env(hub: HubServer, tmp_path: Path) -> dict:
+    """A client environment pointing at the test server, set before any Hugging Face import."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(
+        HF_ENDPOINT=hub.endpoint,
+        HF_HUB_DISABLE_XET="1",
+        HF_TOKEN="test-token",
+        HF_HOME=str(tmp_path / "hf-home"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_ETAG_TIMEOUT="30",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def training_output(tmp_path_factory):
+    """A training output folder as train_unconditional.py leaves it, with everything that must not be pushed."""
+    output = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    unet = PetsUNet2DModel(
+        sample_size=64, block_out_channels=(32, 32), layers_per_block=1, attention_resolutions=(32,),
+        attention_head_dim=16, norm_num_groups=8,
+    )  # fmt: skip
+    randomise_zero_inits(unet)
+    save_pipeline(unet, DDPMScheduler(num_train_timesteps=50), str(output))
+    (output / "samples").mkdir()
+    for step in (2, 4):
+        (output / "samples" / f"step-{step:07d}.png").write_bytes(_png(step))
+    (output / "loss_curve.png").write_bytes(_png(9))
+    (output / "checkpoint-4" / "unet").mkdir(parents=True)
+    (output / "checkpoint-4" / "optimizer.bin").write_bytes(b"pickled optimiser")
+    (output / "logs" / "train_unconditional").mkdir(parents=True)
+    (output / "logs" / "train_unconditional" / "events.out.tfevents.1").write_bytes(b"events")
+    (output / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"a pickle that must never be pushed")
+    (output / "training_args.json").write_text(json.dumps({
+        "dataset_name": "pcuenq/oxford-pets", "train_data_dir": None, "learning_rate": 1e-4, "lr_scheduler": "cosine",
+        "lr_warmup_steps": 500, "use_ema": True, "ema_max_decay": 0.9999, "ema_power": 0.75, "mixed_precision": "bf16",
+    }))  # fmt: skip
+    (output / "train_summary.json").write_text(json.dumps({
+        "world_size": 2, "device_name": "NVIDIA H100", "mixed_precision": "bf16", "global_step": 4,
+        "total_batch_size": 256, "train_images": 7349, "skipped_images": ["Egyptian_Mau_14.jpg"],
+        "wall_time_s": 3725.0, "parameters": unet.num_parameters(),
+    }))  # fmt: skip
+    return output
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (seed * 20, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def push(hub, tmp_path, output, repo_id, *extra) -> subprocess.CompletedProcess:
+    command = [str(PETS_DIFFUSION), "push", str(output), "--repo-id", repo_id, *extra]
+    return subprocess.run(command, env=hub_env(hub, tmp_path), capture_output=True, text=True, timeout=120)
+
+
+LOAD_WITH_ONLY_DIFFUSERS = """
+import sys
+sys.modules["pets_diffusion"] = None  # this process cannot import pets_diffusion
+try:
+    import pets_diffusion
+except ImportError:
+    pass
+else:
+    raise SystemExit("pets_diffusion was importable")
+import torch
+from diffusers import DDPMPipeline, DPMSolverMultistepScheduler
+pipeline = DDPMPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+assert type(pipeline.unet).__name__ == "PetsUNet2DModel", type(pipeline.unet)
+assert "pets_diffusion" not in type(pipeline.unet).__module__
+pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+images = pipeline(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images
+assert [image.size for image in images] == [(64, 64), (64, 64)], [image.size for image in images]
+print("sampled", len(images))
+"""
+
+
+def test_push_then_load_with_only_diffusers(hub, training_output, tmp_path):
+    result = push(hub, tmp_path, training_output, "tester/pets-ddpm", "--private")
+    assert result.returncode == 0, result.stderr
+    assert "pushed" in result.stdout
+    repo = hub.state.repos["tester/pets-ddpm"]
+    assert repo.private and len(repo.commits) == 1
+    assert set(repo.branches["main"]) == EXPECTED_REPO_FILES
+    assert repo.branches["main"]["samples.png"] == (training_output / "samples" / "step-0000004.png").read_bytes()
+    model_index = json.loads(repo.branches["main"]["model_index.json"])
+    assert model_index["unet"] == ["pets_unet", "PetsUNet2DModel"]
+    unet_source = Path(sys.modules[PetsUNet2DModel.__module__].__file__).read_bytes()
+    assert repo.branches["main"]["unet/pets_unet.py"] == unet_source
+    # The local output is left as it was: it still loads with the package's class.
+    assert json.loads((training_output / "model_index.json").read_text())["unet"][0] == "pets_diffusion.unet"
+
+    load = subprocess.run(
+        [sys.executable, "-c", LOAD_WITH_ONLY_DIFFUSERS, "tester/pets-ddpm"],
+        env=hub_env(hub, tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert load.returncode == 0, load.stderr[-3000:]
+    assert "sampled 2" in load.stdout
+
+
+def test_loading_without_trust_remote_code_is_refused_by_diffusers(hub, training_output, tmp_path):
+    assert push(hub, tmp_path, training_output, "tester/refuse-me").returncode == 0
+    code = "import sys; from diffusers import DDPMPipeline; DDPMPipeline.from_pretrained(sys.argv[1])"
+    load = subprocess.run(
+        [sys.executable, "-c", code, "tester/refuse-me"], env=hub_env(hub, tmp_path), capture_output=True,
+        text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert load.returncode != 0
+    assert "trust_remote_code" in load.stderr
+
+
+def test_the_model_card_is_complete_and_its_images_exist(hub, training_output, tmp_path):
+    assert push(hub, tmp_path, training_output, "tester/card").returncode == 0
+    files = hub.state.repos["tester/card"].branches["main"]
+    card = files["README.md"].decode()
+    front_matter = yaml.safe_load(card.split("---\n")[1])
+    assert front_matter["library_name"] == "diffusers"
+    assert front_matter["license"] == "cc-by-sa-4.0"
+    assert front_matter["pipeline_tag"] == "unconditional-image-generation"
+    assert front_matter["datasets"] == ["pcuenq/oxford-pets"]
+    assert {"unconditional-image-generation", "diffusers", "pytorch", "ddpm"} <= set(front_matter["tags"])
+    for fact in ("tester/card", "trust_remote_code=True", "DPMSolverMultistepScheduler", "32 → 32", "32×32",
+                 "7349 images", "1 unreadable image", "2 × NVIDIA H100", "1 h 2 min", "bf16", "0.0001",
+                 "CC BY-SA 4.0", "Parkhi", "unet/pets_unet.py"):  # fmt: skip
+        assert fact in card, fact
+    referenced = re.findall(r"!\[[^\]]*\]\(\./([^)]+)\)", card)
+    assert sorted(referenced) == ["loss_curve.png", "samples.png"]
+    assert all(name in files for name in referenced)
+    assert "{{" not in card
+
+
+def test_sample_command_and_package_load_from_the_hub(hub, training_output, tmp_path):
+    assert push(hub, tmp_path, training_output, "tester/sample-me").returncode == 0
+    env = hub_env(hub, tmp_path)
+    grid = tmp_path / "grid.png"
+    result = subprocess.run(
+        [str(PETS_DIFFUSION), "sample", "tester/sample-me", "--num-images", "4", "--steps", "2", "--out", str(grid)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    from PIL import Image
+
+    assert Image.open(grid).size == (128, 128)
+    code = (
+        "import sys, pets_diffusion; from diffusers import DDPMPipeline; "
+        "p = DDPMPipeline.from_pretrained(sys.argv[1], trust_remote_code=True); "
+        "print(p(batch_size=1, num_inference_steps=2).images[0].size)"
+    )
+    load = subprocess.run([sys.executable, "-c", code, "tester/sample-me"], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert load.returncode == 0, load.stderr[-3000:]
+    assert "(64, 64)" in load.stdout
+
+
+def test_a_second_push_is_one_more_commit_on_a_branch(hub, training_output, tmp_path):
+    assert push(hub, tmp_path, training_output, "tester/branchy").returncode == 0
+    result = push(hub, tmp_path, training_output, "tester/branchy", "--revision", "v2", "--commit-message", "v2")
+    assert result.returncode == 0, result.stderr
+    repo = hub.state.repos["tester/branchy"]
+    assert len(repo.commits) == 2
+    assert set(repo.branches["v2"]) == EXPECTED_REPO_FILES
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    messages = [line for line in lines if "error" in line.lower()]  # progress bars may stand before it
+    assert messages == lines[-1:], result.stderr
+    assert messages[0].startswith("pets-diffusion push: error: ")
+    return messages[0]
+
+
+def test_an_output_dir_without_a_pipeline_is_refused(hub, tmp_path):
+    (tmp_path / "empty").mkdir()
+    calls_before = len(hub.state.calls)
+    message = one_line_error(push(hub, tmp_path, tmp_path / "empty", "tester/nothing"))
+    assert "holds no saved pipeline" in message and "model_index.json" in message
+    assert len(hub.state.calls) == calls_before
+    assert "tester/nothing" not in hub.state.repos
+
+
+@pytest.mark.parametrize("repo_id", ["not a repo id", "owner/name/extra", "just-a-name"])
+def test_an_invalid_repo_id_is_refused(hub, training_output, tmp_path, repo_id):
+    calls_before = len(hub.state.calls)
+    message = one_line_error(push(hub, tmp_path, training_output, repo_id))
+    assert repo_id in message
+    assert len(hub.state.calls) == calls_before
+
+
+@pytest.mark.parametrize(
+    ("call", "status", "advice"),
+    [("create", 401, "token was refused"), ("lfs", 404, "not found"), ("commit", 500, "Hub failed")],
+)
+def test_a_refusing_server_gives_one_line_and_no_commit(hub, training_output, tmp_path, call, status, advice):
+    repo_id = f"tester/refused-{call}"
+    hub.state.refuse = {call: status}
+    try:
+        message = one_line_error(push(hub, tmp_path, training_output, repo_id))
+    finally:
+        hub.state.refuse = {}
+    assert f"HTTP {status}" in message and advice in message and "nothing was committed" in message
+    repo = hub.state.repos.get(repo_id)
+    assert repo is None or (repo.commits == [] and repo.branches["main"] == {})
