@@ -3,7 +3,8 @@
 import io
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ def load_image_dataset(
     """Load a split of images from an image folder, a local dataset folder, parquet files or the Hub.
 
     `train_data_dir` (an image folder) wins over `dataset_name`. Images are left undecoded: call
-    `drop_unreadable_images` and `with_training_transform` next.
+    `prepare_images` next.
     """
     if train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
@@ -65,39 +66,71 @@ def decode_rgb(image: dict) -> PILImage.Image:
         return opened.convert("RGB")
 
 
-def _is_readable(image: dict) -> bool:
-    try:
-        decode_rgb(image)
-    except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError):
-        return False
-    return True
+def decode_resized(image: dict, resolution: int) -> torch.Tensor:
+    """Decode to RGB and resize the shorter side to `resolution`: a uint8 (3, H, W) tensor."""
+    pixels = v2.functional.pil_to_tensor(decode_rgb(image))
+    return v2.functional.resize(pixels, [resolution], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
 
 
-def drop_unreadable_images(dataset: Dataset, image_column: str = "image") -> tuple[Dataset, list[str]]:
-    """Remove rows whose image cannot be decoded; return the kept rows and the names of those dropped."""
-    readable = [_is_readable(image) for image in dataset[image_column]]
-    dropped = [
-        _image_name(image, index) for index, (image, ok) in enumerate(zip(dataset[image_column], readable)) if not ok
+class LazyImages:
+    """The images of a dataset, decoded and resized when indexed (for data too big to keep decoded)."""
+
+    def __init__(self, dataset: Dataset, image_column: str, resolution: int):
+        self.dataset, self.image_column, self.resolution = dataset, image_column, resolution
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return decode_resized(self.dataset[index][self.image_column], self.resolution)
+
+
+def prepare_images(
+    dataset: Dataset,
+    image_column: str,
+    resolution: int,
+    max_cache_bytes: int = 4 * 2**30,
+) -> tuple[list[torch.Tensor] | LazyImages, list[str]]:
+    """Decode every image once: drop the unreadable ones, and keep the rest decoded if they fit.
+
+    Returns the images (uint8 tensors, shorter side `resolution`; a list when kept in memory,
+    `LazyImages` otherwise) and the names of the images that could not be read.
+    """
+    decoded: list[torch.Tensor | None] = []
+    chunk = 512
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for start in range(0, len(dataset), chunk):
+            images = dataset[start : start + chunk][image_column]
+            decoded += pool.map(lambda image: _try_decode(image, resolution), images)
+    skipped = [
+        _image_name(dataset[index][image_column], index) for index, tensor in enumerate(decoded) if tensor is None
     ]
-    if dropped:
-        dataset = dataset.select([index for index, ok in enumerate(readable) if ok])
-        logger.warning("Skipped %d unreadable image(s): %s", len(dropped), ", ".join(dropped))
-    if len(dataset) == 0:
+    if skipped:
+        logger.warning("Skipped %d unreadable image(s): %s", len(skipped), ", ".join(skipped))
+    kept = [tensor for tensor in decoded if tensor is not None]
+    if not kept:
         raise ValueError("The dataset has no readable images.")
-    return dataset, dropped
+    if sum(tensor.numel() for tensor in kept) <= max_cache_bytes:
+        return kept, skipped
+    readable = dataset.select([index for index, tensor in enumerate(decoded) if tensor is not None])
+    logger.info("%d images do not fit in %d bytes: decoding them on the fly.", len(kept), max_cache_bytes)
+    return LazyImages(readable, image_column, resolution), skipped
+
+
+def _try_decode(image: dict, resolution: int) -> torch.Tensor | None:
+    try:
+        return decode_resized(image, resolution)
+    except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError):
+        return None
 
 
 def _image_name(image: dict, index: int) -> str:
     return Path(image["path"]).name if image.get("path") else f"row {index}"
 
 
-def training_transform(resolution: int, center_crop: bool = False, random_flip: bool = True) -> v2.Compose:
-    """Resize the shorter side, crop to `resolution` (centre or random), maybe flip, scale to [-1, 1]."""
-    steps = [
-        v2.ToImage(),
-        v2.Resize(resolution, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-        v2.CenterCrop(resolution) if center_crop else v2.RandomCrop(resolution),
-    ]
+def augmentation(resolution: int, center_crop: bool = False, random_flip: bool = True) -> v2.Compose:
+    """Crop a resized uint8 image to `resolution` (centre or random), maybe flip, scale to [-1, 1]."""
+    steps = [v2.CenterCrop(resolution) if center_crop else v2.RandomCrop(resolution)]
     if random_flip:
         steps.append(v2.RandomHorizontalFlip())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
@@ -105,22 +138,22 @@ def training_transform(resolution: int, center_crop: bool = False, random_flip: 
 
 
 class TrainingImages(torch.utils.data.Dataset):
-    """Decoded, augmented training images: item `v` is image `v % n` as drawn in epoch `v // n`.
+    """Augmented training images: item `v` is image `v % n` as drawn in epoch `v // n`.
 
     Each item's random crop and flip come from its own seed (run seed, epoch, index), never from the
     global RNG, so augmentation does not depend on prefetching, worker processes or resuming.
     Pair it with `EpochSampler`, which hands out such epoch-tagged indices.
     """
 
-    def __init__(self, images: Dataset, transform: Callable, seed: int, image_column: str = "image"):
-        self.images, self.transform, self.seed, self.image_column = images, transform, seed, image_column
+    def __init__(self, images: Sequence[torch.Tensor], transform: Callable, seed: int):
+        self.images, self.transform, self.seed = images, transform, seed
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, virtual_index: int) -> dict:
         epoch, index = divmod(int(virtual_index), len(self.images))
-        image = decode_rgb(self.images[index][self.image_column])
+        image = self.images[index]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
             return {"input": self.transform(image)}

@@ -12,7 +12,7 @@ import torch
 from torchvision.transforms import v2
 
 from . import sampling
-from .data import decode_rgb, drop_unreadable_images, load_image_dataset
+from .data import load_image_dataset, prepare_images
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
@@ -32,21 +32,16 @@ class ImageTensors(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(self.images[index].convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
-class ReferenceImages(torch.utils.data.Dataset):
+class ReferenceImages(ImageTensors):
     """A reference split preprocessed like training (shorter side to `resolution`, centre crop), no flips."""
 
     def __init__(self, reference: str, split: str, image_column: str, resolution: int):
         dataset = load_image_dataset(reference, image_column=image_column, split=split)
-        self.dataset, self.skipped = drop_unreadable_images(dataset, image_column)
-        self.image_column = image_column
-        self.resize = v2.Compose([v2.Resize(resolution, antialias=True), v2.CenterCrop(resolution)])
-
-    def __len__(self) -> int:
-        return len(self.dataset)
+        self.images, self.skipped = prepare_images(dataset, image_column, resolution)
+        self.crop = v2.CenterCrop(resolution)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        image = decode_rgb(self.dataset[index][self.image_column])
-        return self.resize(torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous())
+        return self.crop(self.images[index])
 
 
 def inception_weights_path(given: str | Path | None) -> Path:

@@ -22,7 +22,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from . import sampling
-from .data import EpochSampler, TrainingImages, drop_unreadable_images, load_image_dataset, training_transform
+from .data import EpochSampler, TrainingImages, augmentation, load_image_dataset, prepare_images
 from .options import UsageError, parse_args, validate_args
 from .plotting import plot_loss_curve
 from .unet import PetsUNet2DModel
@@ -101,7 +101,7 @@ def diffusion_loss(
 
 
 def load_training_images(args):
-    """The training split with unreadable images dropped, and the names of those dropped."""
+    """The training split, undecoded; a missing dataset is a UsageError."""
     try:
         dataset = load_image_dataset(
             args.dataset_name,
@@ -118,7 +118,7 @@ def load_training_images(args):
         ) from None
     except ValueError as error:
         raise UsageError(str(error)) from None
-    return drop_unreadable_images(dataset, args.image_column)
+    return dataset
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -140,8 +140,29 @@ def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str) -> Path | N
     return path if path.is_dir() else Path(output_dir) / path
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None) -> Path:
-    """Save the full training state to `checkpoint-<step>`: written aside, then renamed into place."""
+def prune_checkpoints(output_dir: str | Path, total_limit: int, protected: Path | None = None) -> None:
+    """Remove the oldest complete checkpoints beyond `total_limit`, never the newest nor `protected`."""
+    checkpoints = complete_checkpoints(output_dir)
+    excess = len(checkpoints) - total_limit
+    for old in checkpoints[:-1]:
+        if excess <= 0:
+            break
+        if protected is None or old.resolve() != protected.resolve():
+            shutil.rmtree(old)
+            excess -= 1
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str,
+    step: int,
+    total_limit: int | None,
+    protected: Path | None = None,
+) -> Path:
+    """Save the full training state to `checkpoint-<step>`: written aside, then renamed into place.
+
+    A crash while saving leaves a `.checkpoint-<step>.partial` folder that `latest` never picks.
+    """
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
     partial = Path(output_dir) / f".{final.name}.partial"
     if accelerator.is_main_process and partial.exists():
@@ -154,8 +175,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_
             shutil.rmtree(final)
         partial.rename(final)
         if total_limit is not None:
-            for old in complete_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
+            prune_checkpoints(output_dir, total_limit, protected)
         logger.info(f"Saved {final}")
     accelerator.wait_for_everyone()
     return final
@@ -259,9 +279,10 @@ def train(args) -> dict:
     accelerator.register_load_state_pre_hook(load_model_hook)
 
     with accelerator.main_process_first():
-        dataset, skipped = load_training_images(args)
-    transform = training_transform(args.resolution, args.center_crop, args.random_flip)
-    dataset = TrainingImages(dataset, transform, data_seed, args.image_column)
+        dataset = load_training_images(args)
+    images, skipped = prepare_images(dataset, args.image_column, args.resolution)
+    transform = augmentation(args.resolution, args.center_crop, args.random_flip)
+    dataset = TrainingImages(images, transform, data_seed)
     train_dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
@@ -304,7 +325,7 @@ def train(args) -> dict:
         f"{max_train_steps} optimiser steps of {total_batch_size} images on {accelerator.num_processes} process(es)"
     )
 
-    global_step, first_epoch, batches_to_skip = 0, 0, 0
+    global_step, first_epoch, batches_to_skip, checkpoint = 0, 0, 0, None
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
         if checkpoint is None:
@@ -382,7 +403,7 @@ def train(args) -> dict:
             progress.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{images_per_second:.1f}", epoch=epoch)
 
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, checkpoint)
             if args.save_images_steps and global_step % args.save_images_steps == 0:
                 save_samples()
             if global_step >= max_train_steps:
