@@ -59,10 +59,12 @@ def build_model_config(args) -> dict:
     }
     if args.model_config_name_or_path:
         path = args.model_config_name_or_path
+        if not os.path.exists(path) and (path.endswith(".json") or path.startswith((".", "/", "~"))):
+            raise UsageError(f"--model_config_name_or_path {path} does not exist; give a folder or a config.json.")
         try:
             config.update(PetsUNet2DModel.load_config(path))
         except (OSError, ValueError) as error:
-            raise UsageError(f"--model_config_name_or_path {path}: {error}") from None
+            raise UsageError(f"--model_config_name_or_path {path}: {str(error).splitlines()[0]}") from None
     return {**config, "sample_size": args.resolution}
 
 
@@ -222,6 +224,8 @@ def train(args) -> dict:
         log_with=args.logger,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
     )
+    with accelerator.main_process_first():
+        dataset = load_training_images(args)  # first: a missing dataset ends the run before anything is written
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     if args.seed is not None:
@@ -278,8 +282,6 @@ def train(args) -> dict:
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    with accelerator.main_process_first():
-        dataset = load_training_images(args)
     images, skipped = prepare_images(dataset, args.image_column, args.resolution)
     transform = augmentation(args.resolution, args.center_crop, args.random_flip)
     dataset = TrainingImages(images, transform, data_seed)

@@ -66,3 +66,33 @@ def launch(script_args: list[str], processes: int = 1, check: bool = True, timeo
             f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
         )
     return result
+
+
+def make_odd_image_folder(folder: Path) -> tuple[set[str], set[str]]:
+    """Images in every awkward format, plus files that are not images at all.
+
+    Returns (names that must load as RGB, names that must be skipped).
+    """
+    import io
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray((rng.random((24, 30, 3)) * 255).astype("uint8"))
+    rgb.save(folder / "plain.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg", format="JPEG")
+    rgb.convert("L").save(folder / "grey.png")
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    palette.save(folder / "palette.png", transparency=0)
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray((rng.random((20, 20)) * 65535).astype("uint16")).save(folder / "sixteen_bit.png")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "one_pixel.png")
+    rgb.convert("P").save(folder / "gif_named.jpg", format="GIF")  # as in Oxford-IIIT Pet
+    rgb.convert("RGBA").save(folder / "rgba_png_named.jpg", format="PNG")  # as in Oxford-IIIT Pet
+    readable = {path.name for path in folder.iterdir()}
+    jpeg = io.BytesIO()
+    rgb.save(jpeg, format="JPEG")
+    (folder / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not an image\n")
+    return readable, {"truncated.jpg", "empty.jpg", "text.jpg"}

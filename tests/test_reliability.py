@@ -1,0 +1,260 @@
+"""Reliability: exact resume after SIGKILL, atomic checkpoints, odd and broken images, clear errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset, Image
+from safetensors.torch import load_file
+
+from pets_diffusion.data import decode_rgb, load_image_dataset, prepare_images
+from pets_diffusion.training import complete_checkpoints, prune_checkpoints, resolve_checkpoint
+
+from .helpers import (
+    ACCELERATE,
+    ROOT,
+    TRAIN_SCRIPT,
+    launch,
+    make_image_folder,
+    make_odd_image_folder,
+    tiny_training_args,
+    write_tiny_config,
+)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    return {
+        "root": root,
+        "data": make_image_folder(root / "images", count=16),
+        "config": write_tiny_config(root / "tiny.json"),
+    }
+
+
+# -- exact resume -----------------------------------------------------------------------------------
+
+NO_UNSAFE_TORCH_LOAD = """
+import torch
+_load = torch.load
+def _checked_load(*args, **kwargs):
+    if kwargs.get("weights_only", True) is not True:
+        raise RuntimeError(f"torch.load called with weights_only={kwargs.get('weights_only')!r}")
+    return _load(*args, **kwargs)
+torch.load = _checked_load
+"""
+
+
+def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(workspace, tmp_path):
+    args = ("--max_train_steps", "96", "--checkpointing_steps", "4", "--checkpoints_total_limit", "2",
+            "--save_images_steps", "1000")  # fmt: skip
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    launch(tiny_training_args(workspace["data"], workspace["config"], straight, *args))
+
+    command = [str(ACCELERATE), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN_SCRIPT),
+               *tiny_training_args(workspace["data"], workspace["config"], killed, *args)]  # fmt: skip
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoint-20").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "train_summary.json").exists()  # it really died mid-run
+
+    # The resumed run may only load tensors: every torch.load must be weights_only.
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(NO_UNSAFE_TORCH_LOAD)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(guard), os.environ.get("PYTHONPATH", "")])
+    try:
+        launch(tiny_training_args(workspace["data"], workspace["config"], killed, *args,
+                                  "--resume_from_checkpoint", "latest"))  # fmt: skip
+    finally:
+        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
+    summary = json.loads((killed / "train_summary.json").read_text())
+    assert summary["global_step"] == 96 and 0 < summary["steps_this_run"] <= 76
+    for folder in ("unet", "checkpoint-96/unet", "checkpoint-96/unet_ema"):
+        expected = load_file(straight / folder / "diffusion_pytorch_model.safetensors")
+        actual = load_file(killed / folder / "diffusion_pytorch_model.safetensors")
+        assert expected.keys() == actual.keys()
+        assert all(torch.equal(expected[key], actual[key]) for key in expected), folder
+
+
+def test_a_two_process_checkpoint_resumes_with_two_processes(workspace, tmp_path):
+    args = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--save_images_steps", "1000")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(tiny_training_args(workspace["data"], workspace["config"], straight, *args), processes=2)
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoint-4")
+    shutil.rmtree(resumed / "unet")
+    launch(tiny_training_args(workspace["data"], workspace["config"], resumed, *args, "--resume_from_checkpoint",
+                              "latest"), processes=2)  # fmt: skip
+    summary = json.loads((resumed / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 4 and summary["steps_this_run"] == 2
+    assert summary["weight_checksums"][0] == summary["weight_checksums"][1]
+    expected = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
+    actual = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+# -- atomic checkpoints ---------------------------------------------------------------------------
+
+
+def _fake_checkpoints(output: Path, steps: list[int]) -> None:
+    for step in steps:
+        (output / f"checkpoint-{step}").mkdir(parents=True)
+
+
+def test_latest_never_picks_an_incomplete_checkpoint(tmp_path):
+    _fake_checkpoints(tmp_path, [2, 10, 4])
+    (tmp_path / ".checkpoint-12.partial").mkdir()  # a crash while saving step 12
+    (tmp_path / "checkpoint-notes").mkdir()
+    assert resolve_checkpoint(str(tmp_path), "latest") == tmp_path / "checkpoint-10"
+    assert [path.name for path in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4", "checkpoint-10"]
+    assert resolve_checkpoint(str(tmp_path / "empty"), "latest") is None
+
+
+def test_pruning_keeps_the_newest_and_the_resumed_from_checkpoint(tmp_path):
+    _fake_checkpoints(tmp_path, [2, 4, 6, 8])
+    prune_checkpoints(tmp_path, total_limit=2, protected=tmp_path / "checkpoint-2")
+    assert [path.name for path in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-8"]
+    prune_checkpoints(tmp_path, total_limit=1, protected=tmp_path / "checkpoint-2")
+    assert [path.name for path in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-8"]
+    prune_checkpoints(tmp_path, total_limit=1)
+    assert [path.name for path in complete_checkpoints(tmp_path)] == ["checkpoint-8"]
+
+
+def test_nan_loss_stops_clearly_and_keeps_the_last_good_checkpoint(workspace, tmp_path):
+    output = tmp_path / "nan"
+    result = launch(
+        tiny_training_args(workspace["data"], workspace["config"], output, "--max_train_steps", "20",
+                           "--checkpointing_steps", "1", "--learning_rate", "1e30", "--lr_scheduler", "constant",
+                           "--save_images_steps", "1000", "--max_grad_norm", "1e30"),
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "error: the loss became" in result.stderr and "last good checkpoint is kept" in result.stderr
+    assert (
+        str(ROOT / "pets_diffusion") not in result.stderr
+    )  # no traceback through our code (the launcher adds its own)
+    checkpoints = complete_checkpoints(output)
+    assert checkpoints, "no checkpoint survived"
+    step = int(checkpoints[-1].name.split("-")[1])
+    assert step < 20 and f"at step {step + 1}" in result.stderr
+    weights = load_file(checkpoints[-1] / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not (output / "model_index.json").exists()
+    assert weights  # the kept checkpoint is a complete safetensors file
+
+
+# -- broken and odd data --------------------------------------------------------------------------
+
+
+def test_odd_images_become_rgb_and_broken_ones_are_skipped_by_name(tmp_path):
+    readable, broken = make_odd_image_folder(tmp_path / "odd")
+    images, skipped = prepare_images(load_image_dataset(train_data_dir=str(tmp_path / "odd")), "image", 16)
+    assert sorted(skipped) == sorted(broken)
+    assert len(images) == len(readable)
+    assert all(image.dtype == torch.uint8 and image.shape[0] == 3 and min(image.shape[1:]) == 16 for image in images)
+    sixteen_bit = decode_rgb({"path": str(tmp_path / "odd" / "sixteen_bit.png"), "bytes": None})
+    assert sixteen_bit.mode == "RGB" and 30 < torch.tensor(list(sixteen_bit.getdata())).float().std() < 120
+    rgba = decode_rgb({"path": str(tmp_path / "odd" / "rgba_png_named.jpg"), "bytes": None})
+    assert rgba.mode == "RGB"
+
+
+def test_broken_images_in_a_parquet_source_are_skipped(tmp_path):
+    readable, broken = make_odd_image_folder(tmp_path / "odd")
+    rows = [{"bytes": path.read_bytes(), "path": path.name} for path in sorted((tmp_path / "odd").iterdir())]
+    Dataset.from_dict({"image": rows}).cast_column("image", Image(decode=False)).to_parquet(tmp_path / "odd.parquet")
+    images, skipped = prepare_images(load_image_dataset(str(tmp_path / "odd.parquet")), "image", 16)
+    assert sorted(skipped) == sorted(broken) and len(images) == len(readable)
+
+
+def test_training_goes_on_past_broken_images_and_says_which(workspace, tmp_path):
+    make_odd_image_folder(tmp_path / "odd")
+    output = tmp_path / "run"
+    result = launch(tiny_training_args(tmp_path / "odd", workspace["config"], output, "--max_train_steps", "3",
+                                       "--save_images_steps", "1000", "--checkpointing_steps", "1000"))  # fmt: skip
+    assert "Skipped 3 unreadable image(s): empty.jpg, text.jpg, truncated.jpg" in result.stderr
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert sorted(summary["skipped_images"]) == ["empty.jpg", "text.jpg", "truncated.jpg"]
+    assert summary["global_step"] == 3 and summary["train_images"] == 9
+
+
+# -- clear errors before any heavy work -----------------------------------------------------------
+
+
+def bad_run(tmp_path: Path, *args: str) -> tuple[str, Path]:
+    """Run train_unconditional.py with bad arguments; return its single error line and output dir."""
+    output = tmp_path / "out"
+    data = make_image_folder(tmp_path / "data", count=2)
+    config = write_tiny_config(tmp_path / "tiny.json")
+    full = tiny_training_args(data, config, output, "--max_train_steps", "1", *args)
+    if "--dataset_name" in args:  # read the dataset named, not the image folder
+        at = full.index("--train_data_dir")
+        del full[at : at + 2]
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *full], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("train_unconditional.py: error: ")
+    assert time.monotonic() - started < 60
+    return lines[0], output
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--resolution", "18"), "--resolution 18 is not a multiple of 4"),
+        (("--train_data_dir", "/nonexistent/images"), "--train_data_dir /nonexistent/images is not a folder"),
+        (("--resume_from_checkpoint", "checkpoint-99"), "--resume_from_checkpoint checkpoint-99 is not a checkpoint"),
+        (("--train_batch_size", "0"), "--train_batch_size must be at least 1"),
+        (("--mixed_precision", "fp16"), "--mixed_precision fp16 needs a CUDA GPU"),
+        (("--prediction_type", "noise"), "argument --prediction_type: invalid choice: 'noise'"),
+        (("--lr_scheduler", "warmup"), "argument --lr_scheduler: invalid choice: 'warmup'"),
+        (("--ddpm_beta_schedule", "cubic"), "argument --ddpm_beta_schedule: invalid choice: 'cubic'"),
+        (("--model_config_name_or_path", "/nonexistent/config.json"), "/nonexistent/config.json does not exist"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, args, expected):
+    if args[0] == "--mixed_precision" and torch.cuda.is_available():
+        pytest.skip("fp16 is valid on a machine with a GPU")
+    message, output = bad_run(tmp_path, *args)
+    assert expected in message
+    assert not output.exists()
+
+
+def test_a_missing_dataset_path_or_name_fails_in_one_line(tmp_path):
+    message, output = bad_run(tmp_path, "--dataset_name", str(tmp_path / "missing.parquet"))
+    assert "does not exist" in message
+    message, output = bad_run(tmp_path, "--dataset_name", "nobody/no-such-dataset")
+    assert "cannot load the dataset nobody/no-such-dataset" in message
+    assert not output.exists()
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    message, _ = bad_run(tmp_path, "--output_dir", str(tmp_path / "file"))
+    assert "is a file" in message
+
+
+def test_an_unwritable_output_dir_is_refused(tmp_path):
+    (tmp_path / "locked").mkdir(mode=0o500)
+    # Root writes through file modes, so for root use a read-only kernel folder instead.
+    candidates = [tmp_path / "locked", Path("/proc/sys"), Path("/sys")]
+    unwritable = next((path for path in candidates if path.is_dir() and not os.access(path, os.W_OK)), None)
+    if unwritable is None:
+        pytest.skip("this machine has no folder this user cannot write to")
+    message, _ = bad_run(tmp_path, "--output_dir", str(unwritable / "pets-out"))
+    assert "not writable" in message
