@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ema_power", type=float, default=3 / 4)
     add("--ema_max_decay", type=float, default=0.9999)
     add("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    add("--use_torch_compile", action="store_true", help="torch.compile the UNet (inductor) for speed.")
+    add(
+        "--channels_last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Keep weights and activations channels-last: faster convolutions (default on).",
+    )
     add("--seed", type=int, default=None, help="Seed for a reproducible (and exactly resumable) run.")
     # Outputs
     add("--output_dir", default="ddpm-model-64", help="Pipeline, checkpoints, logs and samples go here.")

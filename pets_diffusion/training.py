@@ -223,6 +223,7 @@ def train(args) -> dict:
         mixed_precision=args.mixed_precision,
         log_with=args.logger,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        **({"dynamo_backend": "inductor"} if args.use_torch_compile else {}),
     )
     with accelerator.main_process_first():
         dataset = load_training_images(args)  # first: a missing dataset ends the run before anything is written
@@ -240,6 +241,8 @@ def train(args) -> dict:
     accelerator.wait_for_everyone()
 
     model = build_model(args)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     noise_scheduler = DDPMScheduler(
@@ -306,6 +309,7 @@ def train(args) -> dict:
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+        fused=accelerator.device.type in ("cpu", "cuda"),  # one kernel for all parameters
     )
     # The prepared scheduler steps once per process per optimiser step, hence the factor.
     lr_scheduler = get_scheduler(
@@ -365,7 +369,8 @@ def train(args) -> dict:
             batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
         for batch in batches:
             with accelerator.accumulate(model):
-                loss = diffusion_loss(model, noise_scheduler, batch["input"], args.snr_gamma)
+                clean_images = batch["input"].contiguous(memory_format=memory_format)
+                loss = diffusion_loss(model, noise_scheduler, clean_images, args.snr_gamma)
                 accumulated_loss += loss.detach() / args.gradient_accumulation_steps
                 accelerator.backward(loss)
                 grad_norm = None

@@ -33,7 +33,10 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class ResnetBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, plus the time embedding, GroupNorm -> SiLU -> dropout -> conv."""
+    """GroupNorm -> SiLU -> conv, plus the projected time embedding, GroupNorm -> SiLU -> dropout -> conv.
+
+    `temb` arrives already through SiLU (the model applies it once for all blocks).
+    """
 
     def __init__(
         self,
@@ -213,7 +216,8 @@ class PetsUNet2DModel(ModelMixin, ConfigMixin):
         if timesteps.ndim == 0:
             timesteps = timesteps[None]
         timesteps = timesteps.expand(sample.shape[0])
-        temb = self.time_embedding(self.time_proj(timesteps).to(dtype=self.dtype))
+        # SiLU once here, not in every block: each block's projection sees SiLU(MLP(sinusoid(t))).
+        temb = F.silu(self.time_embedding(self.time_proj(timesteps).to(dtype=self.dtype)))
 
         h = self.conv_in(sample)
         skips = [h]
