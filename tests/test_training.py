@@ -123,11 +123,11 @@ def test_the_model_learns_a_trivial_image_set(tmp_path):
     data = make_image_folder(tmp_path / "same", count=8, size=(16, 16), same=True)
     output = tmp_path / "learn"
     launch(tiny_training_args(
-        data, write_tiny_config(tmp_path / "tiny.json"), output, "--max_train_steps", "40", "--learning_rate", "2e-3",
+        data, write_tiny_config(tmp_path / "tiny.json"), output, "--max_train_steps", "80", "--learning_rate", "1e-3",
         "--lr_scheduler", "constant", "--save_images_steps", "100", "--checkpointing_steps", "100",
         "--train_batch_size", "8", "--no-random_flip",
     ))  # fmt: skip
     losses = [value for _, value in read_scalars(output / "logs", "loss")]
-    assert len(losses) == 40
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert len(losses) == 80
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.5 * first, (first, last)
