@@ -355,6 +355,25 @@ def train(args) -> dict:
     steps_this_run = 0
     accumulated_loss = torch.zeros((), device=accelerator.device)
 
+    def describe_run() -> dict:
+        """Where, how long and how far this run trained: for the model card and the tests."""
+        return {
+            "world_size": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            "device": str(accelerator.device),
+            "device_name": _device_name(accelerator.device),
+            "mixed_precision": accelerator.mixed_precision,
+            "global_step": global_step,
+            "steps_this_run": steps_this_run,
+            "epochs": num_epochs,
+            "total_batch_size": total_batch_size,
+            "train_images": len(dataset),
+            "skipped_images": skipped,
+            "wall_time_s": round(time.perf_counter() - started, 1),
+            "last_images_per_sec": round(images_per_second, 2),
+            "parameters": unwrapped.num_parameters(),
+        }
+
     def save_samples() -> None:
         if accelerator.is_main_process:
             with EMAWeights(ema, unwrapped) as unet:
@@ -422,34 +441,23 @@ def train(args) -> dict:
         if (epoch % args.save_model_epochs == 0 or last_epoch) and accelerator.is_main_process:
             with EMAWeights(ema, unwrapped) as unet:
                 save_pipeline(unet, noise_scheduler, args.output_dir)
+            write_summary(args.output_dir, describe_run())  # the model card reads it
             if args.push_to_hub:
                 push_run(args, f"Epoch {epoch}, step {global_step}")
         accelerator.wait_for_everyone()
 
     progress.close()
     checksum = torch.stack([p.detach().double().sum() for p in unwrapped.parameters()]).sum()
-    summary = {
-        "world_size": accelerator.num_processes,
-        "distributed_type": str(accelerator.distributed_type),
-        "device": str(accelerator.device),
-        "device_name": _device_name(accelerator.device),
-        "mixed_precision": accelerator.mixed_precision,
-        "global_step": global_step,
-        "steps_this_run": steps_this_run,
-        "epochs": num_epochs,
-        "total_batch_size": total_batch_size,
-        "train_images": len(dataset),
-        "skipped_images": skipped,
-        "wall_time_s": round(time.perf_counter() - started, 1),
-        "last_images_per_sec": round(images_per_second, 2),
-        "parameters": unwrapped.num_parameters(),
-        # One checksum of the trained (non-EMA) weights per process: equal when data parallelism kept them in sync.
-        "weight_checksums": accelerator.gather(checksum[None].to(accelerator.device)).tolist(),
-    }
+    # One checksum of the trained (non-EMA) weights per process: equal when data parallelism kept them in sync.
+    summary = {**describe_run(), "weight_checksums": accelerator.gather(checksum[None].to(accelerator.device)).tolist()}
     if accelerator.is_main_process:
-        Path(args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_summary(args.output_dir, summary)
     accelerator.end_training()
     return summary
+
+
+def write_summary(output_dir: str, summary: dict) -> None:
+    Path(output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def push_run(args, commit_message: str) -> None:

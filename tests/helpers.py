@@ -49,9 +49,9 @@ def tiny_training_args(data: Path, config: Path, output: Path, *extra: str) -> l
     ]  # fmt: skip
 
 
-def launch(script_args: list[str], processes: int = 1, check: bool = True, timeout: int = 300):
+def launch(script_args: list[str], processes: int = 1, check: bool = True, timeout: int = 300, env: dict | None = None):
     """Run train_unconditional.py under `accelerate launch` on the CPU, as a user would."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"}
+    env = {**(env or os.environ), "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"}
     if processes > 1:
         launcher = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"]
     else:
@@ -96,3 +96,15 @@ def make_odd_image_folder(folder: Path) -> tuple[set[str], set[str]]:
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "text.jpg").write_text("this is not an image\n")
     return readable, {"truncated.jpg", "empty.jpg", "text.jpg"}
+
+
+def assert_same_weights(run_a: Path, run_b: Path, folders: tuple[str, ...]) -> None:
+    """The safetensors weights in each folder of two runs are bit-identical."""
+    import torch
+    from safetensors.torch import load_file
+
+    for folder in folders:
+        a = load_file(run_a / folder / "diffusion_pytorch_model.safetensors")
+        b = load_file(run_b / folder / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys(), folder
+        assert all(torch.equal(a[key], b[key]) for key in a), folder

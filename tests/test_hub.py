@@ -252,3 +252,21 @@ def test_a_refusing_server_gives_one_line_and_no_commit(hub, training_output, tm
     assert f"HTTP {status}" in message and advice in message and "nothing was committed" in message
     repo = hub.state.repos.get(repo_id)
     assert repo is None or (repo.commits == [] and repo.branches["main"] == {})
+
+
+def test_training_pushes_at_each_model_save(hub, tmp_path):
+    from .helpers import launch, make_image_folder, tiny_training_args, write_tiny_config
+
+    output = tmp_path / "run"
+    args = tiny_training_args(
+        make_image_folder(tmp_path / "images", count=8), write_tiny_config(tmp_path / "tiny.json"), output,
+        "--max_train_steps", "4", "--save_images_steps", "2", "--checkpointing_steps", "2",
+        "--save_model_epochs", "1", "--push_to_hub", "--hub_model_id", "tester/trained", "--hub_private_repo",
+    )  # fmt: skip
+    launch(args, env=hub_env(hub, tmp_path))
+    repo = hub.state.repos["tester/trained"]
+    assert repo.private and len(repo.commits) == 2  # 8 images in batches of 4: a model save after each epoch
+    assert set(repo.branches["main"]) == EXPECTED_REPO_FILES
+    card = repo.branches["main"]["README.md"].decode()
+    assert "8 images" in card and "CPU (" in card
+    assert json.loads(repo.branches["main"]["model_index.json"])["unet"] == ["pets_unet", "PetsUNet2DModel"]

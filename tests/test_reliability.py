@@ -21,6 +21,7 @@ from .helpers import (
     ACCELERATE,
     ROOT,
     TRAIN_SCRIPT,
+    assert_same_weights,
     launch,
     make_image_folder,
     make_odd_image_folder,
@@ -82,11 +83,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(workspace, t
         os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
     summary = json.loads((killed / "train_summary.json").read_text())
     assert summary["global_step"] == 96 and 0 < summary["steps_this_run"] <= 76
-    for folder in ("unet", "checkpoint-96/unet", "checkpoint-96/unet_ema"):
-        expected = load_file(straight / folder / "diffusion_pytorch_model.safetensors")
-        actual = load_file(killed / folder / "diffusion_pytorch_model.safetensors")
-        assert expected.keys() == actual.keys()
-        assert all(torch.equal(expected[key], actual[key]) for key in expected), folder
+    assert_same_weights(straight, killed, ("unet", "checkpoint-96/unet", "checkpoint-96/unet_ema"))
 
 
 def test_a_two_process_checkpoint_resumes_with_two_processes(workspace, tmp_path):
@@ -101,9 +98,7 @@ def test_a_two_process_checkpoint_resumes_with_two_processes(workspace, tmp_path
     summary = json.loads((resumed / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 4 and summary["steps_this_run"] == 2
     assert summary["weight_checksums"][0] == summary["weight_checksums"][1]
-    expected = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
-    actual = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
-    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    assert_same_weights(straight, resumed, ("unet", "checkpoint-4/unet", "checkpoint-4/unet_ema"))
 
 
 # -- atomic checkpoints ---------------------------------------------------------------------------
