@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset, Image
@@ -69,7 +70,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(workspace, t
     assert process.poll() is None, "the run ended before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (killed / "train_summary.json").exists()  # it really died mid-run
+    assert not (killed / "checkpoint-96").exists()  # it really died mid-run
 
     # The resumed run may only load tensors: every torch.load must be weights_only.
     guard = tmp_path / "guard"
@@ -160,7 +161,7 @@ def test_odd_images_become_rgb_and_broken_ones_are_skipped_by_name(tmp_path):
     assert len(images) == len(readable)
     assert all(image.dtype == torch.uint8 and image.shape[0] == 3 and min(image.shape[1:]) == 16 for image in images)
     sixteen_bit = decode_rgb({"path": str(tmp_path / "odd" / "sixteen_bit.png"), "bytes": None})
-    assert sixteen_bit.mode == "RGB" and 30 < torch.tensor(list(sixteen_bit.getdata())).float().std() < 120
+    assert sixteen_bit.mode == "RGB" and 30 < np.asarray(sixteen_bit).std() < 120
     rgba = decode_rgb({"path": str(tmp_path / "odd" / "rgba_png_named.jpg"), "bytes": None})
     assert rgba.mode == "RGB"
 
