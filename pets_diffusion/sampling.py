@@ -49,6 +49,12 @@ def denoise(
     return sample
 
 
+def initial_noise(unet: torch.nn.Module, count: int, generator: torch.Generator) -> torch.Tensor:
+    """x_T for `count` images, drawn as DDPMPipeline draws it."""
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    return randn_tensor((count, channels, size, size), generator=generator, device=unet.device, dtype=unet.dtype)
+
+
 @torch.no_grad()
 def sample(
     unet: torch.nn.Module,
@@ -65,11 +71,9 @@ def sample(
     """
     steps = num_inference_steps or scheduler.config.num_train_timesteps
     generator = torch.Generator().manual_seed(seed)
-    size, channels = unet.config.sample_size, unet.config.in_channels
     images = []
     for start in tqdm(range(0, num_images, batch_size), disable=not progress, desc="batches"):
-        count = min(batch_size, num_images - start)
-        noise = randn_tensor((count, channels, size, size), generator=generator, device=unet.device, dtype=unet.dtype)
+        noise = initial_noise(unet, min(batch_size, num_images - start), generator)
         images.append(denoise(unet, scheduler, noise, steps, generator, progress=progress))
     return to_pil(torch.cat(images))
 
@@ -121,9 +125,7 @@ def trajectory(
             frames.append((sample_t.clamp(-1, 1), x0))
 
     generator = torch.Generator().manual_seed(seed)
-    size, channels = unet.config.sample_size, unet.config.in_channels
-    noise = randn_tensor((num_samples, channels, size, size), generator=generator, device=unet.device, dtype=unet.dtype)
-    final = denoise(unet, scheduler, noise, steps, generator, on_step=record)
+    final = denoise(unet, scheduler, initial_noise(unet, num_samples, generator), steps, generator, on_step=record)
     columns = [image for pair in frames for image in pair] + [final.clamp(-1, 1)]
     per_row = torch.stack(columns, dim=1).flatten(0, 1)  # sample-major: row i is sample i
     return make_image_grid(to_pil(per_row), rows=num_samples, cols=len(columns))

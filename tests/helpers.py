@@ -34,6 +34,15 @@ def make_image_folder(
     return folder
 
 
+def make_workspace(root: Path, count: int) -> dict:
+    """A folder with `count` training images and a tiny UNet config, for training runs."""
+    return {
+        "root": root,
+        "data": make_image_folder(root / "images", count=count),
+        "config": write_tiny_config(root / "tiny.json"),
+    }
+
+
 def write_tiny_config(path: Path) -> Path:
     path.write_text(json.dumps(TINY_CONFIG_JSON))
     return path

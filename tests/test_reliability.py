@@ -26,6 +26,7 @@ from .helpers import (
     launch,
     make_image_folder,
     make_odd_image_folder,
+    make_workspace,
     tiny_training_args,
     write_tiny_config,
 )
@@ -33,12 +34,7 @@ from .helpers import (
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability")
-    return {
-        "root": root,
-        "data": make_image_folder(root / "images", count=16),
-        "config": write_tiny_config(root / "tiny.json"),
-    }
+    return make_workspace(tmp_path_factory.mktemp("reliability"), count=16)
 
 
 # -- exact resume -----------------------------------------------------------------------------------

@@ -9,17 +9,12 @@ from diffusers import DDPMPipeline
 
 from pets_diffusion.plotting import read_scalars
 
-from .helpers import launch, make_image_folder, tiny_training_args, write_tiny_config
+from .helpers import launch, make_image_folder, make_workspace, tiny_training_args, write_tiny_config
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("training")
-    return {
-        "root": root,
-        "data": make_image_folder(root / "images", count=12),
-        "config": write_tiny_config(root / "tiny.json"),
-    }
+    return make_workspace(tmp_path_factory.mktemp("training"), count=12)
 
 
 @pytest.fixture(scope="module")
