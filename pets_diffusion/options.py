@@ -156,9 +156,10 @@ def validate_args(args: argparse.Namespace) -> None:
     _check_data_source(args)
     _check_resolution(args)
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        from .training import resolve_checkpoint
+        from .training import checkpoint_step, resolve_checkpoint
 
-        if not resolve_checkpoint(args.output_dir, args.resume_from_checkpoint).is_dir():
+        checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        if not checkpoint.is_dir() or checkpoint_step(checkpoint) is None:
             raise UsageError(
                 f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint folder; "
                 f"give a checkpoint-<step> folder in {args.output_dir} or `latest`."

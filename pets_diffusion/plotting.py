@@ -1,5 +1,6 @@
 """The loss curve, read back from a run's TensorBoard events."""
 
+from itertools import accumulate
 from pathlib import Path
 
 import matplotlib
@@ -27,8 +28,8 @@ def plot_loss_curve(log_dir: str | Path, out_path: str | Path, smoothing: int = 
         raise ValueError(f"No 'loss' scalars in TensorBoard events under {log_dir}.")
     steps, losses = zip(*points)
     window = max(1, min(smoothing, len(losses) // 5))
-    running = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-               for i in range(len(losses))]  # fmt: skip
+    totals = [0.0, *accumulate(losses)]
+    running = [(totals[i + 1] - totals[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(losses))]
     figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
     axes.plot(steps, losses, alpha=0.3, linewidth=0.8, label="loss")
     axes.plot(steps, running, linewidth=1.5, label=f"running mean ({window} steps)")

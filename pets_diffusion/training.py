@@ -125,12 +125,14 @@ def load_training_images(args):
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     """Finished `checkpoint-<step>` folders, oldest first (incomplete ones are never named so)."""
-    folders = [
-        path
-        for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-        if path.is_dir() and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
-    ]
-    return sorted(folders, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX) :]))
+    folders = [path for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if path.is_dir()]
+    return sorted((path for path in folders if checkpoint_step(path) is not None), key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a `checkpoint-<step>` folder was saved at; None for any other name."""
+    suffix = path.name.removeprefix(CHECKPOINT_PREFIX)
+    return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
 
 
 def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str) -> Path | None:
@@ -338,7 +340,7 @@ def train(args) -> dict:
             logger.info("No checkpoint to resume from yet: starting a new run.")
         else:
             accelerator.load_state(str(checkpoint))
-            global_step = int(checkpoint.name[len(CHECKPOINT_PREFIX) :])
+            global_step = checkpoint_step(checkpoint)
             first_epoch = global_step // steps_per_epoch
             batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
             logger.info(f"Resumed from {checkpoint} at step {global_step}, epoch {first_epoch}")

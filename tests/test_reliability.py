@@ -227,6 +227,13 @@ def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, args, expected
     assert not output.exists()
 
 
+def test_a_resume_folder_not_named_checkpoint_step_is_refused(tmp_path):
+    (tmp_path / "my-copy").mkdir()
+    message, output = bad_run(tmp_path, "--resume_from_checkpoint", str(tmp_path / "my-copy"))
+    assert "is not a checkpoint folder" in message and "checkpoint-<step>" in message
+    assert not output.exists()
+
+
 def test_a_missing_dataset_path_or_name_fails_in_one_line(tmp_path):
     message, output = bad_run(tmp_path, "--dataset_name", str(tmp_path / "missing.parquet"))
     assert "does not exist" in message
