@@ -19,6 +19,7 @@ from diffusers import UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from pets_diffusion import PetsUNet2DModel
+from pets_diffusion.allocator import retain_freed_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,14 +48,16 @@ def twin_of(model: PetsUNet2DModel) -> UNet2DModel:
     )
 
 
-def flops_per_image(model: torch.nn.Module, device, dtype, backward: bool) -> float:
-    x = torch.randn(1, 3, model.config.sample_size, model.config.sample_size, device=device, dtype=dtype)
+def flops_per_image(model: torch.nn.Module, batch: int, device, dtype, backward: bool) -> float:
+    """FLOPs per image at the measured batch size (ours picks its upsampling form by batch x positions)."""
+    size = model.config.sample_size
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
     with FlopCounterMode(display=False) as counter:
-        out = model(x, torch.tensor([10], device=device)).sample
+        out = model(x, torch.full((batch,), 10, device=device)).sample
         if backward:
             out.float().square().mean().backward()
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return counter.get_total_flops() / batch
 
 
 def matmul_peak(device, dtype, sizes=(1024, 2048, 4096), repeats: int = 5) -> float:
@@ -166,8 +169,13 @@ def main() -> None:
     parser.add_argument("--channels-last", default="ours", choices=["ours", "both", "none"],
                         help="Which models run channels-last (default: ours, as pets-diffusion trains it; "
                              "the twin is faster contiguous on CPU).")  # fmt: skip
+    parser.add_argument("--malloc", default="retain", choices=["retain", "default"],
+                        help="retain: glibc keeps freed memory, as pets-diffusion's CPU training and "
+                             "sampling set it (both models gain); default: glibc's own settings.")  # fmt: skip
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.malloc == "retain":
+        retain_freed_memory()
 
     torch.manual_seed(0)
     ours = PetsUNet2DModel().to(device, dtype)
@@ -178,12 +186,16 @@ def main() -> None:
                "UNet2DModel twin": last if args.channels_last == "both" else plain}  # fmt: skip
     for name, model in models.items():
         model.to(memory_format=formats[name])
-    peak = matmul_peak(device, dtype)
+    peak_at_start = matmul_peak(device, dtype)
 
     rows = {name: {"parameters (M)": model.num_parameters() / 1e6} for name, model in models.items()}
     for name, model in models.items():
-        rows[name]["GFLOP/image fwd"] = flops_per_image(model, device, dtype, backward=False) / 1e9
-        rows[name]["GFLOP/image fwd+bwd"] = flops_per_image(model, device, dtype, backward=True) / 1e9
+        rows[name]["GFLOP/image fwd (inference batch)"] = (
+            flops_per_image(model, args.infer_batch, device, dtype, backward=False) / 1e9
+        )
+        rows[name]["GFLOP/image fwd+bwd (train batch)"] = (
+            flops_per_image(model, args.train_batch, device, dtype, backward=True) / 1e9
+        )
         rows[name]["activation MB (saved for bwd, batch 8)"] = (
             activation_bytes(model, args.train_batch, device, dtype) / 2**20
         )
@@ -197,9 +209,8 @@ def main() -> None:
     seconds = alternate(train, device, args.warmup, args.runs)
     for name in models:
         rows[name]["train images/s"] = args.train_batch / seconds[name]
-        achieved = rows[name]["GFLOP/image fwd+bwd"] * 1e9 * args.train_batch / seconds[name]
+        achieved = rows[name]["GFLOP/image fwd+bwd (train batch)"] * 1e9 * args.train_batch / seconds[name]
         rows[name]["train GFLOP/s"] = achieved / 1e9
-        rows[name]["train % of matmul peak"] = 100 * achieved / peak
         if device.type == "cuda":
             rows[name]["train peak MB"] = peak_cuda_bytes(train[name]) / 2**20
     del train
@@ -209,14 +220,24 @@ def main() -> None:
     seconds = alternate(infer, device, args.warmup, args.runs)
     for name in models:
         rows[name]["inference images*steps/s"] = args.infer_batch / seconds[name]
-        rows[name]["inference GFLOP/s"] = rows[name]["GFLOP/image fwd"] * args.infer_batch / seconds[name]
+        rows[name]["inference GFLOP/s"] = (
+            rows[name]["GFLOP/image fwd (inference batch)"] * args.infer_batch / seconds[name]
+        )
 
+    # This VM's speed drifts by minutes: the peak is the mean of one measured before and one after the runs.
+    peak_at_end = matmul_peak(device, dtype)
+    peak = (peak_at_start + peak_at_end) / 2
+    for name in models:
+        rows[name]["train % of matmul peak"] = 100 * rows[name]["train GFLOP/s"] * 1e9 / peak
     names = list(models)
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, device {device}, {args.dtype}, compile={args.compile}, "
           f"train batch {args.train_batch}, inference batch {args.infer_batch}, median of {args.runs}, "
-          f"channels-last: {args.channels_last}, AdamW fused")  # fmt: skip
-    print(f"# measured {args.dtype} matmul peak: {peak / 1e9:.0f} GFLOP/s")
+          f"channels-last: {args.channels_last}, AdamW fused, malloc {args.malloc}")  # fmt: skip
+    print(
+        f"# measured {args.dtype} matmul peak: {peak / 1e9:.0f} GFLOP/s (before the runs "
+        f"{peak_at_start / 1e9:.0f}, after {peak_at_end / 1e9:.0f})"
+    )
     print(f"| metric | {names[0]} | {names[1]} | ours/twin |")
     print("|---|---:|---:|---:|")
     for metric in rows[names[0]]:

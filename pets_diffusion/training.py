@@ -22,6 +22,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from . import sampling
+from .allocator import retain_freed_memory
 from .data import EpochSampler, TrainingImages, augmentation, load_image_dataset, prepare_images
 from .options import UsageError, parse_args, validate_args
 from .plotting import plot_loss_curve
@@ -231,6 +232,8 @@ def train(args) -> dict:
         dataset = load_training_images(args)  # first: a missing dataset ends the run before anything is written
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    if accelerator.device.type == "cpu" and retain_freed_memory():
+        logger.info("CPU training: glibc malloc keeps freed activation memory for reuse (no page faults per step)")
     if args.seed is not None:
         set_seed(args.seed)
     data_seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31, ()).item())
