@@ -103,10 +103,19 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-# Along each axis, nearest-neighbour upsampling then a 3x3 conv (taps w0 w1 w2) reads each input
-# pixel through a 4-tap stride-2 transposed conv [w2, w1 + w2, w0 + w1, w0]: row k sums the taps that
-# land on the same input pixel.
-SUBPIXEL_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+def subpixel_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """The stride-2 transposed-conv kernel (in, out, 4, 4) equal to nearest x2 upsampling, then a
+    3x3 conv with `weight` (out, in, 3, 3).
+
+    Along each axis the upsampled map repeats every input pixel twice, so the 3x3 taps w0 w1 w2
+    that land on the same input pixel add up: the 4 taps are [w2, w1 + w2, w0 + w1, w0].
+    """
+
+    def fold(w: torch.Tensor, axis: int) -> torch.Tensor:
+        w0, w1, w2 = w.unbind(axis)
+        return torch.stack([w2, w1 + w2, w0 + w1, w0], dim=axis)
+
+    return fold(fold(weight, 2), 3).transpose(0, 1)
 
 
 class Upsample(nn.Module):
@@ -128,8 +137,7 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] * x.shape[2] * x.shape[3] < self.subpixel_min_positions:
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        taps = SUBPIXEL_TAPS.to(self.conv.weight)
-        kernel = torch.einsum("ak,oikl,bl->ioab", taps, self.conv.weight, taps)  # (in, out, 4, 4)
+        kernel = subpixel_kernel(self.conv.weight)
         return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
 
 
