@@ -48,10 +48,16 @@ def twin_of(model: PetsUNet2DModel) -> UNet2DModel:
     )
 
 
+def random_images(model, batch: int, device, dtype, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """A batch of random images of the model's size: every workload's input."""
+    size = model.config.sample_size
+    shape = (batch, model.config.in_channels, size, size)
+    return torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+
+
 def flops_per_image(model: torch.nn.Module, batch: int, device, dtype, backward: bool) -> float:
     """FLOPs per image at the measured batch size (ours picks its upsampling form by batch x positions)."""
-    size = model.config.sample_size
-    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    x = random_images(model, batch, device, dtype)
     with FlopCounterMode(display=False) as counter:
         out = model(x, torch.full((batch,), 10, device=device)).sample
         if backward:
@@ -91,8 +97,7 @@ class TrainStep:
         self.model = model.train()
         self.forward = torch.compile(model) if compile_model else model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        size = model.config.sample_size
-        self.x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+        self.x = random_images(model, batch, device, dtype, memory_format)
         self.t = torch.randint(0, 1000, (batch,), device=device)
         self.target = torch.randn_like(self.x)
 
@@ -108,8 +113,7 @@ class Inference:
 
     def __init__(self, model, batch, device, dtype, compile_model, memory_format):
         self.forward = torch.compile(model.eval()) if compile_model else model.eval()
-        size = model.config.sample_size
-        self.x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+        self.x = random_images(model, batch, device, dtype, memory_format)
         self.t = torch.tensor(500, device=device)
 
     @torch.no_grad()
@@ -142,8 +146,7 @@ def activation_bytes(model, batch, device, dtype) -> int:
         storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    size = model.config.sample_size
-    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    x = random_images(model, batch, device, dtype)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         out = model.train()(x, torch.randint(0, 1000, (batch,), device=device)).sample
     del out
@@ -196,7 +199,7 @@ def main() -> None:
         rows[name]["GFLOP/image fwd+bwd (train batch)"] = (
             flops_per_image(model, args.train_batch, device, dtype, backward=True) / 1e9
         )
-        rows[name]["activation MB (saved for bwd, batch 8)"] = (
+        rows[name]["activation MB (saved for bwd, train batch)"] = (
             activation_bytes(model, args.train_batch, device, dtype) / 2**20
         )
     ours.enable_gradient_checkpointing()
@@ -244,7 +247,7 @@ def main() -> None:
         a, b = rows[names[0]][metric], rows[names[1]][metric]
         print(f"| {metric} | {a:.2f} | {b:.2f} | {a / b:.2f} |")
     print(f"| activation MB with gradient checkpointing (ours) | {checkpointed:.2f} | | "
-          f"{checkpointed / rows[names[0]]['activation MB (saved for bwd, batch 8)']:.2f} of plain |")  # fmt: skip
+          f"{checkpointed / rows[names[0]]['activation MB (saved for bwd, train batch)']:.2f} of plain |")  # fmt: skip
 
 
 if __name__ == "__main__":
