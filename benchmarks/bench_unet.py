@@ -1,7 +1,7 @@
 """PetsUNet2DModel vs diffusers' UNet2DModel built to the same architecture, measured in one process.
 
     python benchmarks/bench_unet.py                       # CPU, fp32, eager
-    python benchmarks/bench_unet.py --device cuda --dtype bf16 --compile
+    python benchmarks/bench_unet.py --device cuda --dtype bf16 --autocast --compile --train-batch 256 --infer-batch 256
 
 The two models are measured alternately (A B A B ...), after a warm-up, and the median of the runs is
 reported. FLOPs are counted with torch.utils.flop_counter.FlopCounterMode; the matmul peak is
@@ -9,8 +9,11 @@ measured in the same run.
 """
 
 import argparse
+import contextlib
+import copy
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -66,8 +69,9 @@ def flops_per_image(model: torch.nn.Module, batch: int, device, dtype, backward:
     return counter.get_total_flops() / batch
 
 
-def matmul_peak(device, dtype, sizes=(1024, 2048, 4096), repeats: int = 5) -> float:
+def matmul_peak(device, dtype, repeats: int = 5) -> float:
     """The best median FLOP/s of large square matmuls: the machine's practical peak for this dtype."""
+    sizes = (1024, 2048, 4096) + ((8192,) if device.type == "cuda" else ())
     best = 0.0
     for size in sizes:
         a = torch.randn(size, size, device=device, dtype=dtype)
@@ -90,40 +94,76 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+class Precision:
+    """Where the arithmetic's dtype comes from: the weights' own (`--dtype`), or autocast over fp32 weights.
+
+    Autocast is what `train_unconditional.py --mixed_precision bf16` runs (Accelerate's autocast).
+    """
+
+    def __init__(self, device, dtype, autocast: bool):
+        self.device, self.dtype, self.autocast = device, dtype, autocast
+        self.weights = torch.float32 if autocast else dtype
+
+    def __call__(self):
+        """A fresh context for one region of work."""
+        if self.autocast:
+            return torch.autocast(self.device.type, self.dtype)
+        return contextlib.nullcontext()
+
+
 class TrainStep:
     """One AdamW training step on a batch (the model's own forward, MSE loss, backward, update)."""
 
-    def __init__(self, model, batch, device, dtype, compile_model, memory_format):
-        self.model = model.train()
+    def __init__(self, model, batch, precision: Precision, compile_model, memory_format):
+        self.model, self.precision = model.train(), precision
         self.forward = torch.compile(model) if compile_model else model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        self.x = random_images(model, batch, device, dtype, memory_format)
-        self.t = torch.randint(0, 1000, (batch,), device=device)
+        self.x = random_images(model, batch, precision.device, precision.weights, memory_format)
+        self.t = torch.randint(0, 1000, (batch,), device=precision.device)
         self.target = torch.randn_like(self.x)
 
     def __call__(self):
-        loss = F.mse_loss(self.forward(self.x, self.t).sample.float(), self.target.float())
+        with self.precision():
+            prediction = self.forward(self.x, self.t).sample
+        loss = F.mse_loss(prediction.float(), self.target.float())
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
 
 class Inference:
-    """One denoising step on a batch, without gradients."""
+    """One denoising step on a batch, without gradients (the timestep a 0-dim tensor, as DDPMPipeline gives it)."""
 
-    def __init__(self, model, batch, device, dtype, compile_model, memory_format):
-        self.forward = torch.compile(model.eval()) if compile_model else model.eval()
-        self.x = random_images(model, batch, device, dtype, memory_format)
-        self.t = torch.tensor(500, device=device)
+    def __init__(self, model, batch, precision: Precision, compile_model, memory_format):
+        self.model, self.precision = model.eval(), precision
+        self.forward = torch.compile(model) if compile_model else model
+        self.x = random_images(model, batch, precision.device, precision.weights, memory_format)
+        self.t = torch.tensor(500, device=precision.device)
 
     @torch.no_grad()
-    def __call__(self):
-        self.forward(self.x, self.t)
+    def __call__(self) -> torch.Tensor:
+        with self.precision():
+            return self.forward(self.x, self.t).sample
+
+    @torch.no_grad()
+    def relative_error(self) -> float:
+        """‖measured − fp32 eager‖ / ‖fp32 eager‖ on this batch: the fast path computes the same function."""
+        reference_model = copy.deepcopy(self.model).float()
+        reference = reference_model(self.x.float(), self.t).sample.double()
+        return ((self().double() - reference).norm() / reference.norm()).item()
 
 
-def alternate(workloads: dict, device, warmup: int, runs: int) -> dict[str, float]:
-    """Median seconds per call of each workload, measured A B A B ... after `warmup` calls each."""
-    for _ in range(warmup):
+def alternate(workloads: dict, device, warmup: int, runs: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per call of each workload, measured A B A B ... after `warmup` calls each; and
+    the seconds of each one's first call (compilation included, under --compile)."""
+    first_call = {}
+    for name, work in workloads.items():
+        sync(device)
+        started = time.perf_counter()
+        work()
+        sync(device)
+        first_call[name] = time.perf_counter() - started
+    for _ in range(warmup - 1):
         for work in workloads.values():
             work()
     times = {name: [] for name in workloads}
@@ -134,10 +174,10 @@ def alternate(workloads: dict, device, warmup: int, runs: int) -> dict[str, floa
             work()
             sync(device)
             times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: statistics.median(values) for name, values in times.items()}, first_call
 
 
-def activation_bytes(model, batch, device, dtype) -> int:
+def activation_bytes(model, batch, precision: Precision) -> int:
     """Bytes autograd keeps for backward in one forward pass (unique storages): activation memory."""
     storages = {}
 
@@ -146,9 +186,10 @@ def activation_bytes(model, batch, device, dtype) -> int:
         storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    x = random_images(model, batch, device, dtype)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = model.train()(x, torch.randint(0, 1000, (batch,), device=device)).sample
+    x = random_images(model, batch, precision.device, precision.weights)
+    timesteps = torch.randint(0, 1000, (batch,), device=precision.device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), precision():
+        out = model.train()(x, timesteps).sample
     del out
     return sum(storages.values())
 
@@ -164,10 +205,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--autocast", action="store_true",
+                        help="Keep fp32 weights and run under torch.autocast(--dtype), as "
+                             "train_unconditional.py --mixed_precision does.")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--infer-batch", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed calls of each workload (at least 1).")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--channels-last", default="ours", choices=["ours", "both", "none"],
                         help="Which models run channels-last (default: ours, as pets-diffusion trains it; "
@@ -176,56 +220,62 @@ def main() -> None:
                         help="retain: glibc keeps freed memory, as pets-diffusion's CPU training and "
                              "sampling set it (both models gain); default: glibc's own settings.")  # fmt: skip
     args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    precision = Precision(device, dtype, args.autocast)
     if args.malloc == "retain":
         retain_freed_memory()
 
     torch.manual_seed(0)
-    ours = PetsUNet2DModel().to(device, dtype)
-    twin = twin_of(ours).to(device, dtype)
+    ours = PetsUNet2DModel().to(device, precision.weights)
+    twin = twin_of(ours).to(device, precision.weights)
     models = {"PetsUNet2DModel": ours, "UNet2DModel twin": twin}
     last, plain = torch.channels_last, torch.contiguous_format
     formats = {"PetsUNet2DModel": plain if args.channels_last == "none" else last,
                "UNet2DModel twin": last if args.channels_last == "both" else plain}  # fmt: skip
     for name, model in models.items():
         model.to(memory_format=formats[name])
+    progress("matmul peak")
     peak_at_start = matmul_peak(device, dtype)
 
     rows = {name: {"parameters (M)": model.num_parameters() / 1e6} for name, model in models.items()}
     for name, model in models.items():
+        progress(f"FLOPs and activations of {name}")
         rows[name]["GFLOP/image fwd (inference batch)"] = (
-            flops_per_image(model, args.infer_batch, device, dtype, backward=False) / 1e9
+            flops_per_image(model, args.infer_batch, device, precision.weights, backward=False) / 1e9
         )
         rows[name]["GFLOP/image fwd+bwd (train batch)"] = (
-            flops_per_image(model, args.train_batch, device, dtype, backward=True) / 1e9
+            flops_per_image(model, args.train_batch, device, precision.weights, backward=True) / 1e9
         )
         rows[name]["activation MB (saved for bwd, train batch)"] = (
-            activation_bytes(model, args.train_batch, device, dtype) / 2**20
+            activation_bytes(model, args.train_batch, precision) / 2**20
         )
     ours.enable_gradient_checkpointing()
-    checkpointed = activation_bytes(ours, args.train_batch, device, dtype) / 2**20
+    checkpointed = activation_bytes(ours, args.train_batch, precision) / 2**20
     ours.disable_gradient_checkpointing()
 
-    train = {
-        name: TrainStep(m, args.train_batch, device, dtype, args.compile, formats[name]) for name, m in models.items()
-    }
-    seconds = alternate(train, device, args.warmup, args.runs)
+    progress("training steps")
+    train = {name: TrainStep(m, args.train_batch, precision, args.compile, formats[name]) for name, m in models.items()}
+    seconds, first_call = alternate(train, device, args.warmup, args.runs)
     for name in models:
+        rows[name]["train first step s (compile included)"] = first_call[name]
         rows[name]["train images/s"] = args.train_batch / seconds[name]
         achieved = rows[name]["GFLOP/image fwd+bwd (train batch)"] * 1e9 * args.train_batch / seconds[name]
         rows[name]["train GFLOP/s"] = achieved / 1e9
         if device.type == "cuda":
             rows[name]["train peak MB"] = peak_cuda_bytes(train[name]) / 2**20
     del train
-    infer = {
-        name: Inference(m, args.infer_batch, device, dtype, args.compile, formats[name]) for name, m in models.items()
-    }
-    seconds = alternate(infer, device, args.warmup, args.runs)
+    progress("inference steps")
+    infer = {name: Inference(m, args.infer_batch, precision, args.compile, formats[name]) for name, m in models.items()}
+    seconds, first_call = alternate(infer, device, args.warmup, args.runs)
     for name in models:
+        rows[name]["inference first step s (compile included)"] = first_call[name]
         rows[name]["inference images*steps/s"] = args.infer_batch / seconds[name]
         rows[name]["inference GFLOP/s"] = (
             rows[name]["GFLOP/image fwd (inference batch)"] * args.infer_batch / seconds[name]
         )
+        rows[name]["inference rel. error vs fp32 eager"] = infer[name].relative_error()
 
     # This VM's speed drifts by minutes: the peak is the mean of one measured before and one after the runs.
     peak_at_end = matmul_peak(device, dtype)
@@ -233,8 +283,11 @@ def main() -> None:
     for name in models:
         rows[name]["train % of matmul peak"] = 100 * rows[name]["train GFLOP/s"] * 1e9 / peak
     names = list(models)
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, device {device}, {args.dtype}, compile={args.compile}, "
+    hardware = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    )
+    print(f"# {hardware}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, device {device}, "
+          f"{args.dtype}{' autocast' if args.autocast else ''}, compile={args.compile}, "
           f"train batch {args.train_batch}, inference batch {args.infer_batch}, median of {args.runs}, "
           f"channels-last: {args.channels_last}, AdamW fused, malloc {args.malloc}")  # fmt: skip
     print(
@@ -245,9 +298,16 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for metric in rows[names[0]]:
         a, b = rows[names[0]][metric], rows[names[1]][metric]
-        print(f"| {metric} | {a:.2f} | {b:.2f} | {a / b:.2f} |")
+        cell = "{:.1e}" if "error" in metric else "{:.2f}"
+        ratio = f"{a / b:.2f}" if b else ""
+        print(f"| {metric} | {cell.format(a)} | {cell.format(b)} | {ratio} |")
     print(f"| activation MB with gradient checkpointing (ours) | {checkpointed:.2f} | | "
           f"{checkpointed / rows[names[0]]['activation MB (saved for bwd, train batch)']:.2f} of plain |")  # fmt: skip
+
+
+def progress(stage: str) -> None:
+    """One line on stderr per stage, so a long (compiling) run shows where it is."""
+    print(f"[{time.strftime('%H:%M:%S')}] {stage}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, is_compiled_module, set_seed
 from datasets.exceptions import DatasetNotFoundError
 from diffusers import DDPMPipeline, DDPMScheduler
 from diffusers.optimization import get_scheduler
@@ -324,6 +324,8 @@ def train(args) -> dict:
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if is_compiled_module(model):
+        logger.info("The UNet runs compiled (torch.compile, inductor); the first steps include compiling it")
     if ema is not None:
         ema.to(accelerator.device)
 

@@ -103,8 +103,11 @@ def test_torch_compile_matches_eager(tiny_unet):
     assert_same_path(eager, forward_and_grads(compiled, x, t), atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("extra", [("--mixed_precision", "bf16"), ("--no-channels_last",)])
-def test_training_runs_with_bf16_and_without_channels_last(tmp_path, extra):
+@pytest.mark.parametrize(
+    "extra",
+    [("--mixed_precision", "bf16"), ("--mixed_precision", "bf16", "--use_torch_compile"), ("--no-channels_last",)],
+)
+def test_training_runs_with_bf16_compiled_and_without_channels_last(tmp_path, extra):
     data = make_image_folder(tmp_path / "images", count=8)
     output = tmp_path / "run"
     args = tiny_training_args(data, write_tiny_config(tmp_path / "tiny.json"), output, "--max_train_steps", "3",
@@ -115,6 +118,7 @@ def test_training_runs_with_bf16_and_without_channels_last(tmp_path, extra):
     assert summary["global_step"] == 3
     if extra[0] == "--mixed_precision":
         assert summary["mixed_precision"] == "bf16"
+    assert ("The UNet runs compiled" in result.stderr) == ("--use_torch_compile" in extra)
     assert (output / "samples" / "step-0000003.png").is_file()
 
 

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the Performance issue in one call, for a machine lent for a few minutes:
+#   1. the side-by-side benchmark, eager, bf16 autocast (as `--mixed_precision bf16` trains);
+#   2. the same with torch.compile;
+#   3. train_unconditional.py itself under `accelerate launch` (bf16, --use_torch_compile) on
+#      synthetic 64x64 images, its images/s read back from its TensorBoard log.
+# Each stage has its own time limit, so one slow stage cannot cost the others. Results go to $OUT
+# (default: gpu-results/). Wheels in .whl/ (packages the machine lacks) are installed first.
+#
+#   bash benchmarks/gpu.sh                    # train batch 256, inference batch 256
+set -u -o pipefail
+OUT=${OUT:-gpu-results}
+BATCH=${BATCH:-256}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export HF_HOME=/tmp/hf HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, diffusers, accelerate, datasets; print('torch', torch.__version__, '| diffusers',
+diffusers.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__)" | tee -a "$OUT/gpu.txt"
+
+bench() {  # name, time limit, extra flags
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name"
+    timeout "$limit" python3 benchmarks/bench_unet.py --device cuda --dtype bf16 --autocast \
+        --train-batch "$BATCH" --infer-batch "$BATCH" --runs 10 --warmup 3 "$@" 2>&1 | tee "$OUT/$name.md"
+}
+bench bench_eager 100
+bench bench_compile 300 --compile
+
+echo "== train_unconditional.py"
+python3 - <<'EOF'
+import numpy as np
+from pathlib import Path
+from PIL import Image
+
+# Smooth random colour fields (not noise): what a 64x64 photo's PNG costs to read, and no real data.
+folder = Path("/tmp/synthetic-pets")
+folder.mkdir(exist_ok=True)
+rng = np.random.default_rng(0)
+for index in range(4096):
+    coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(coarse).resize((64, 64), Image.BICUBIC).save(folder / f"{index:05d}.png")
+EOF
+timeout 150 python3 -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
+    train_unconditional.py --train_data_dir /tmp/synthetic-pets --output_dir /tmp/gpu-run --overwrite_output_dir \
+    --train_batch_size "$BATCH" --max_train_steps 80 --mixed_precision bf16 --use_torch_compile \
+    --dataloader_num_workers 8 --lr_warmup_steps 10 --ddpm_num_inference_steps 50 --save_images_steps 80 \
+    --checkpointing_steps 80 --seed 0 >"$OUT/train.log" 2>&1
+tr '\r' '\n' <"$OUT/train.log" | grep -v "^steps: .*\]$" | tail -n 15
+python3 - <<'EOF' 2>&1 | tee -a "$OUT/train.log"
+import json
+import statistics
+
+from pets_diffusion.plotting import read_scalars
+
+rates = [value for step, value in read_scalars("/tmp/gpu-run/logs", "images_per_sec") if step > 20]
+summary = json.load(open("/tmp/gpu-run/train_summary.json"))
+print(f"train_unconditional.py on {summary['device_name']}: median {statistics.median(rates):.0f} images/s over "
+      f"steps 21-{summary['global_step']} (min {min(rates):.0f}, max {max(rates):.0f}), batch "
+      f"{summary['total_batch_size']}, {summary['mixed_precision']}, wall {summary['wall_time_s']} s")
+EOF
+cp /tmp/gpu-run/samples/*.png /tmp/gpu-run/loss_curve.png "$OUT"/ 2>/dev/null
+ls /tmp/gpu-run /tmp/gpu-run/checkpoint-80 2>&1 | tee -a "$OUT/train.log"
