@@ -134,12 +134,13 @@ def _load_sampler(args):
 
     from . import sampling
     from .allocator import retain_freed_memory
+    from .layout import preferred_memory_format
     from .unet import PetsUNet2DModel
 
     folder = _model_folder(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     unet = PetsUNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=getattr(torch, args.dtype))
-    unet = unet.to(device).eval()
+    unet = unet.to(device, memory_format=preferred_memory_format(device)).eval()
     if unet.device.type == "cpu":
         retain_freed_memory()
     scheduler = sampling.make_scheduler(args.scheduler, DDPMScheduler.load_config(folder, subfolder="scheduler"))

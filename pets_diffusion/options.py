@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--channels_last",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Keep weights and activations channels-last: faster convolutions (default on).",
+        default=None,
+        help="Keep weights and activations channels-last (default: on CPU yes, on GPUs no; the faster there).",
     )
     add("--seed", type=int, default=None, help="Seed for a reproducible (and exactly resumable) run.")
     # Outputs

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import sampling
 from .allocator import retain_freed_memory
 from .data import EpochSampler, TrainingImages, augmentation, load_image_dataset, prepare_images
+from .layout import preferred_memory_format
 from .options import UsageError, parse_args, validate_args
 from .plotting import plot_loss_curve
 from .unet import PetsUNet2DModel
@@ -246,7 +247,11 @@ def train(args) -> dict:
     accelerator.wait_for_everyone()
 
     model = build_model(args)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    if args.channels_last is None:
+        memory_format = preferred_memory_format(accelerator.device)
+    else:
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    logger.info(f"Weights and activations {'channels-last' if memory_format == torch.channels_last else 'contiguous'}")
     model = model.to(memory_format=memory_format)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -370,6 +375,7 @@ def train(args) -> dict:
             "device": str(accelerator.device),
             "device_name": _device_name(accelerator.device),
             "mixed_precision": accelerator.mixed_precision,
+            "channels_last": memory_format == torch.channels_last,
             "global_step": global_step,
             "steps_this_run": steps_this_run,
             "epochs": num_epochs,

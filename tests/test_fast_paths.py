@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from pets_diffusion.layout import preferred_memory_format
 from pets_diffusion.unet import Upsample
 
 from .helpers import launch, make_image_folder, tiny_training_args, write_tiny_config
@@ -38,6 +39,11 @@ def test_channels_last_matches_contiguous(tiny_unet):
     fast = copy.deepcopy(tiny_unet).to(memory_format=torch.channels_last)
     assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert_same_path(plain, forward_and_grads(fast, x.contiguous(memory_format=torch.channels_last), t))
+
+
+def test_each_device_gets_its_measured_faster_layout():
+    assert preferred_memory_format("cpu") == torch.channels_last
+    assert preferred_memory_format(torch.device("cuda", 0)) == torch.contiguous_format
 
 
 def test_fused_adamw_matches_the_plain_update(tiny_unet):
@@ -119,6 +125,7 @@ def test_training_runs_with_bf16_compiled_and_without_channels_last(tmp_path, ex
     if extra[0] == "--mixed_precision":
         assert summary["mixed_precision"] == "bf16"
     assert ("The UNet runs compiled" in result.stderr) == ("--use_torch_compile" in extra)
+    assert summary["channels_last"] == ("--no-channels_last" not in extra)  # on CPU channels-last is the default
     assert (output / "samples" / "step-0000003.png").is_file()
 
 

@@ -1,0 +1,97 @@
+"""A/B of PetsUNet2DModel's speed options, and the twin's layouts, in one process.
+
+    python benchmarks/variants.py                                  # CPU, fp32, eager
+    python benchmarks/variants.py --device cuda --dtype bf16 --autocast --train-batch 256 --infer-batch 256
+
+Variants: memory layout (channels-last or contiguous) x upsampling (sub-pixel where it applies, or
+always interpolate + conv) for ours; both layouts for the twin. All start from the same weights and
+are timed alternately after a warm-up (bench_unet.py's workloads); the table gives images/s and the
+ratio to the first variant.
+"""
+
+import argparse
+import copy
+
+import torch
+from bench_unet import DTYPES, Inference, Precision, TrainStep, alternate, progress, twin_of
+
+from pets_diffusion import PetsUNet2DModel
+from pets_diffusion.unet import Upsample
+
+LAYOUTS = {"channels-last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def without_subpixel(model: PetsUNet2DModel) -> PetsUNet2DModel:
+    """The model with every upsampler on the plain path (interpolate, then 3x3 conv)."""
+    for module in model.modules():
+        if isinstance(module, Upsample):
+            module.subpixel_min_positions = float("inf")
+    return model
+
+
+def build_variants(names: list[str], device, weights_dtype) -> dict[str, tuple[torch.nn.Module, torch.memory_format]]:
+    torch.manual_seed(0)
+    ours = PetsUNet2DModel().to(device, weights_dtype)
+    twin = twin_of(ours).to(device, weights_dtype)
+    variants = {}
+    for layout_name, layout in LAYOUTS.items():
+        variants[f"ours {layout_name}"] = (copy.deepcopy(ours), layout)
+        variants[f"ours {layout_name}, no sub-pixel"] = (without_subpixel(copy.deepcopy(ours)), layout)
+        variants[f"twin {layout_name}"] = (copy.deepcopy(twin), layout)
+    unknown = set(names) - set(variants)
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {sorted(unknown)}; choose from {sorted(variants)}")
+    return {name: (variants[name][0].to(memory_format=variants[name][1]), variants[name][1]) for name in names}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--autocast", action="store_true", help="fp32 weights under torch.autocast(--dtype)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant (each compiles)")
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--infer-batch", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-inference", action="store_true", help="Time training steps only.")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["ours channels-last", "ours contiguous", "ours channels-last, no sub-pixel",
+                 "ours contiguous, no sub-pixel", "twin contiguous", "twin channels-last"],
+    )  # fmt: skip
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    precision = Precision(device, DTYPES[args.dtype], args.autocast)
+    variants = build_variants(args.variants, device, precision.weights)
+
+    progress("training steps")
+    train = {name: TrainStep(m, args.train_batch, precision, args.compile, f) for name, (m, f) in variants.items()}
+    train_seconds, _ = alternate(train, device, args.warmup, args.runs)
+    del train
+    infer_seconds = None
+    if not args.no_inference:
+        progress("inference steps")
+        infer = {name: Inference(m, args.infer_batch, precision, args.compile, f) for name, (m, f) in variants.items()}
+        infer_seconds, _ = alternate(infer, device, args.warmup, args.runs)
+
+    first = args.variants[0]
+    print(f"# device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+          f"torch {torch.__version__}, {args.dtype}{' autocast' if args.autocast else ''}, compile={args.compile}, "
+          f"train batch {args.train_batch}, inference batch {args.infer_batch}, median of {args.runs}")  # fmt: skip
+    print(f"| variant | train images/s | vs {first} | inference images·steps/s | vs {first} |")
+    print("|---|---:|---:|---:|---:|")
+    for name in args.variants:
+        train_rate = args.train_batch / train_seconds[name]
+        row = f"| {name} | {train_rate:.2f} | {train_seconds[first] / train_seconds[name]:.2f} |"
+        if infer_seconds is not None:
+            infer_rate = args.infer_batch / infer_seconds[name]
+            row += f" {infer_rate:.2f} | {infer_seconds[first] / infer_seconds[name]:.2f} |"
+        else:
+            row += " | |"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
