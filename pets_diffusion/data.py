@@ -155,7 +155,8 @@ class TrainingImages(torch.utils.data.Dataset):
         epoch, index = divmod(int(virtual_index), len(self.images))
         image = self.images[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            # The CPU generator alone (what the transforms draw from): 1 µs, where torch.manual_seed takes 70.
+            torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
             return {"input": self.transform(image)}
 
 

@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset, Image
 from safetensors.torch import load_file
 
-from pets_diffusion.data import decode_rgb, load_image_dataset, prepare_images
+from pets_diffusion.data import TrainingImages, augmentation, decode_rgb, load_image_dataset, prepare_images
 from pets_diffusion.training import complete_checkpoints, prune_checkpoints, resolve_checkpoint
 
 from .helpers import (
@@ -257,3 +257,16 @@ def test_an_unwritable_output_dir_is_refused(tmp_path):
         pytest.skip("this machine has no folder this user cannot write to")
     message, _ = bad_run(tmp_path, "--output_dir", str(unwritable / "pets-out"))
     assert "not writable" in message
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only():
+    images = [torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8) for _ in range(4)]
+    data = TrainingImages(images, augmentation(32), seed=7)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    first = data[5]["input"]  # image 1 as drawn in epoch 1
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG is untouched
+    torch.manual_seed(123)
+    assert torch.equal(data[5]["input"], first)
+    assert not torch.equal(data[1]["input"], first)  # the same image in epoch 0: another crop or flip
+    assert not torch.equal(TrainingImages(images, augmentation(32), seed=8)[5]["input"], first)
