@@ -30,18 +30,24 @@ def without_subpixel(model: PetsUNet2DModel) -> PetsUNet2DModel:
 
 
 def build_variants(names: list[str], device, weights_dtype) -> dict[str, tuple[torch.nn.Module, torch.memory_format]]:
+    """A copy of ours or the twin (same weights) for each named variant, in its layout."""
     torch.manual_seed(0)
     ours = PetsUNet2DModel().to(device, weights_dtype)
     twin = twin_of(ours).to(device, weights_dtype)
-    variants = {}
+    recipes = {}  # name: (model to copy, plain upsampling, layout)
     for layout_name, layout in LAYOUTS.items():
-        variants[f"ours {layout_name}"] = (copy.deepcopy(ours), layout)
-        variants[f"ours {layout_name}, no sub-pixel"] = (without_subpixel(copy.deepcopy(ours)), layout)
-        variants[f"twin {layout_name}"] = (copy.deepcopy(twin), layout)
-    unknown = set(names) - set(variants)
+        recipes[f"ours {layout_name}"] = (ours, False, layout)
+        recipes[f"ours {layout_name}, no sub-pixel"] = (ours, True, layout)
+        recipes[f"twin {layout_name}"] = (twin, False, layout)
+    unknown = set(names) - set(recipes)
     if unknown:
-        raise SystemExit(f"unknown variant(s) {sorted(unknown)}; choose from {sorted(variants)}")
-    return {name: (variants[name][0].to(memory_format=variants[name][1]), variants[name][1]) for name in names}
+        raise SystemExit(f"unknown variant(s) {sorted(unknown)}; choose from {sorted(recipes)}")
+    variants = {}
+    for name in names:
+        model, plain_upsampling, layout = recipes[name]
+        copied = copy.deepcopy(model).to(memory_format=layout)
+        variants[name] = (without_subpixel(copied) if plain_upsampling else copied, layout)
+    return variants
 
 
 def main() -> None:
