@@ -2,15 +2,21 @@
 # Every GPU measurement of the Performance issue in one call, for a machine lent for a few minutes:
 #   1. the side-by-side benchmark, eager, bf16 autocast (as `--mixed_precision bf16` trains);
 #   2. the same with torch.compile;
-#   3. train_unconditional.py itself under `accelerate launch` (bf16, --use_torch_compile) on
+#   3. where a compiled training step of ours spends its time (profile_step.py, CUDA kernels);
+#   4. train_unconditional.py itself under `accelerate launch` (bf16, --use_torch_compile) on
 #      synthetic 64x64 images, its images/s read back from its TensorBoard log.
-# Each stage has its own time limit, so one slow stage cannot cost the others. Results go to $OUT
-# (default: gpu-results/). Wheels in .whl/ (packages the machine lacks) are installed first.
+# Each stage has its own time limit, so one slow stage cannot cost the others; STAGES picks some.
+# Results go to $OUT (default: gpu-results/). Wheels in .whl/ (packages the machine lacks) are
+# installed first.
 #
-#   bash benchmarks/gpu.sh                    # train batch 256, inference batch 256
+#   bash benchmarks/gpu.sh                           # stages 2-4 (< 10 min)
+#   STAGES="eager compile" BATCH=128 bash benchmarks/gpu.sh
 set -u -o pipefail
 OUT=${OUT:-gpu-results}
-BATCH=${BATCH:-256}
+# Batch 256 peaked at 109 GB on an H200 (bf16, compiled): 128 where the GPU has less than 100 GB.
+MEMORY_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)
+BATCH=${BATCH:-$((MEMORY_MIB > 100000 ? 256 : 128))}
+STAGES=${STAGES:-compile profile train}  # eager too: ~2 more minutes
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -30,8 +36,16 @@ bench() {  # name, time limit, extra flags
     timeout "$limit" python3 benchmarks/bench_unet.py --device cuda --dtype bf16 --autocast \
         --train-batch "$BATCH" --infer-batch "$BATCH" --runs 10 --warmup 3 "$@" 2>&1 | tee "$OUT/$name.md"
 }
-bench bench_eager 100
-bench bench_compile 300 --compile
+stage() { [[ " $STAGES " == *" $1 "* ]]; }
+stage eager && bench bench_eager 140
+# The twin compiled in one layout only (each compile takes ~90 s): channels-last was 0.73x eager.
+stage compile && bench bench_compile 300 --compile --twin-layout contiguous
+if stage profile; then
+    echo "== profile"
+    timeout 180 python3 benchmarks/profile_step.py --device cuda --dtype bf16 --autocast --compile \
+        --batch "$BATCH" 2>&1 | tee "$OUT/profile.txt"
+fi
+stage train || exit 0
 
 echo "== train_unconditional.py"
 python3 - <<'EOF'

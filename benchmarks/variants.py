@@ -13,12 +13,10 @@ import argparse
 import copy
 
 import torch
-from bench_unet import DTYPES, Inference, Precision, TrainStep, alternate, progress, twin_of
+from bench_unet import DTYPES, LAYOUTS, Inference, Precision, TrainStep, alternate, on_device, progress, twin_of
 
 from pets_diffusion import PetsUNet2DModel
 from pets_diffusion.unet import Upsample
-
-LAYOUTS = {"channels-last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 def without_subpixel(model: PetsUNet2DModel) -> PetsUNet2DModel:
@@ -32,8 +30,8 @@ def without_subpixel(model: PetsUNet2DModel) -> PetsUNet2DModel:
 def build_variants(names: list[str], device, weights_dtype) -> dict[str, tuple[torch.nn.Module, torch.memory_format]]:
     """A copy of ours or the twin (same weights) for each named variant, in its layout."""
     torch.manual_seed(0)
-    ours = PetsUNet2DModel().to(device, weights_dtype)
-    twin = twin_of(ours).to(device, weights_dtype)
+    ours = on_device(PetsUNet2DModel(), device, weights_dtype)
+    twin = on_device(twin_of(ours), device, weights_dtype)
     recipes = {}  # name: (model to copy, plain upsampling, layout)
     for layout_name, layout in LAYOUTS.items():
         recipes[f"ours {layout_name}"] = (ours, False, layout)

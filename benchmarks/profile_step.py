@@ -1,0 +1,66 @@
+"""Where a step of PetsUNet2DModel spends its time: torch.profiler's table of operators.
+
+    python benchmarks/profile_step.py                                   # CPU, fp32, a training step
+    python benchmarks/profile_step.py --dtype bf16 --autocast --inference
+    python benchmarks/profile_step.py --device cuda --dtype bf16 --autocast --compile --batch 256
+
+The model runs in the layout pets-diffusion picks for the device (or --layout), with bench_unet.py's
+training step (fused AdamW) or inference step. After a warm-up (compiling, under --compile) the
+profiler records --steps steps; the table lists the operators (kernels, on CUDA) by the time they
+take themselves, with each one's share of the total.
+"""
+
+import argparse
+
+import torch
+from bench_unet import DTYPES, LAYOUTS, Inference, Precision, TrainStep, layout_name, on_device, progress, sync
+from torch.profiler import ProfilerActivity, profile
+
+from pets_diffusion import PetsUNet2DModel
+from pets_diffusion.allocator import retain_freed_memory
+from pets_diffusion.layout import preferred_memory_format
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--autocast", action="store_true", help="fp32 weights under torch.autocast(--dtype)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--inference", action="store_true", help="Profile an inference step, not a training step.")
+    parser.add_argument("--batch", type=int, default=None, help="Default: 8 for training, 16 for inference.")
+    parser.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    precision = Precision(device, DTYPES[args.dtype], args.autocast)
+    if device.type == "cpu":
+        retain_freed_memory()  # as pets-diffusion's CPU training and sampling run
+    layout = preferred_memory_format(device) if args.layout == "auto" else LAYOUTS[args.layout]
+    batch = args.batch or (16 if args.inference else 8)
+
+    torch.manual_seed(0)
+    model = on_device(PetsUNet2DModel(), device, precision.weights).to(memory_format=layout)
+    workload = (Inference if args.inference else TrainStep)(model, batch, precision, args.compile, layout)
+    progress("warm-up")
+    for _ in range(args.warmup):
+        workload()
+    sync(device)
+    progress("profiling")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(args.steps):
+            workload()
+        sync(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"# PetsUNet2DModel, {'inference' if args.inference else 'training'} step, batch {batch}, "
+          f"{args.dtype}{' autocast' if args.autocast else ''}, compile={args.compile}, {args.layout} layout "
+          f"({layout_name(layout)}), {args.steps} steps, "
+          f"device {device}, torch {torch.__version__}")  # fmt: skip
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
