@@ -5,7 +5,8 @@
 
 The two models are measured alternately (A B A B ...), after a warm-up, and the median of the runs is
 reported. FLOPs are counted with torch.utils.flop_counter.FlopCounterMode; the matmul peak is
-measured in the same run.
+measured in the same run. On CPU, a training step's peak memory is measured in a fresh process per
+model (Linux: /proc/self/status).
 """
 
 import argparse
@@ -13,8 +14,10 @@ import contextlib
 import copy
 import platform
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,7 @@ from pets_diffusion.allocator import retain_freed_memory
 from pets_diffusion.layout import preferred_memory_format
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def twin_of(model: PetsUNet2DModel) -> UNet2DModel:
@@ -211,6 +215,47 @@ def activation_bytes(model, batch, precision: Precision) -> int:
     return sum(storages.values())
 
 
+def peak_resident_bytes(name: str, layout: torch.memory_format, batch: int, precision: Precision, malloc: str) -> int:
+    """CPU: how far a training step lifts the process's resident memory at its peak (gradients, AdamW
+    state, activations, workspaces), in a fresh process that holds only this model, so that memory
+    another model freed cannot hide any of it."""
+    call = (f"bench_unet.print_peak_resident_growth({name!r}, {layout_name(layout)!r}, {batch}, "
+            f"{DTYPE_NAMES[precision.dtype]!r}, {precision.autocast}, {malloc!r})")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", f"import bench_unet; {call}"], cwd=Path(__file__).parent,
+                            capture_output=True, text=True)  # fmt: skip
+    if result.returncode:
+        raise RuntimeError(f"measuring {name}'s resident memory failed:\n{result.stderr[-3000:]}")
+    return int(result.stdout.split()[-1])
+
+
+def print_peak_resident_growth(name: str, layout: str, batch: int, dtype: str, autocast: bool, malloc: str) -> None:
+    """In a fresh process: build one model, take two training steps, print the peak resident bytes they added."""
+    if malloc == "retain":
+        retain_freed_memory()
+    precision = Precision(torch.device("cpu"), DTYPES[dtype], autocast)
+    torch.manual_seed(0)
+    if name == OURS:
+        model = PetsUNet2DModel()
+    else:
+        with torch.device("meta"):  # ours only lends the twin its config: no weights
+            config_source = PetsUNet2DModel()
+        model = twin_of(config_source)
+    step = TrainStep(on_device(model, "cpu", precision.weights).to(memory_format=LAYOUTS[layout]), batch,
+                     precision, False, LAYOUTS[layout])  # fmt: skip
+    resident = memory_status("VmRSS")
+    step()
+    step()
+    print(memory_status("VmHWM") - resident)
+
+
+def memory_status(field: str) -> int:
+    """Bytes of a /proc/self/status field: VmRSS (resident now) or VmHWM (the peak of this process
+    image; getrusage's ru_maxrss would also count the parent's, which it inherits across exec)."""
+    with open("/proc/self/status") as status:
+        kib = next(line.split()[1] for line in status if line.startswith(f"{field}:"))
+    return int(kib) * 1024
+
+
 def peak_cuda_bytes(step: TrainStep) -> int:
     torch.cuda.reset_peak_memory_stats()
     step()
@@ -291,6 +336,10 @@ def main() -> None:
         rows[name]["train GFLOP/s"] = achieved / 1e9
         if device.type == "cuda":
             rows[name]["train peak MB"] = peak_cuda_bytes(train[timed]) / 2**20
+        else:
+            rows[name]["train peak resident MB added (own process)"] = (
+                peak_resident_bytes(name, contestants[timed][1], args.train_batch, precision, args.malloc) / 2**20
+            )
     del train
     progress("inference steps")
     infer = {name: Inference(m, args.infer_batch, precision, args.compile, f) for name, (m, f) in contestants.items()}
