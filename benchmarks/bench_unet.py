@@ -29,7 +29,6 @@ from pets_diffusion.allocator import retain_freed_memory
 from pets_diffusion.layout import preferred_memory_format
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def twin_of(model: PetsUNet2DModel) -> UNet2DModel:
@@ -215,12 +214,12 @@ def activation_bytes(model, batch, precision: Precision) -> int:
     return sum(storages.values())
 
 
-def peak_resident_bytes(name: str, layout: torch.memory_format, batch: int, precision: Precision, malloc: str) -> int:
+def peak_resident_bytes(name: str, layout: torch.memory_format, args: argparse.Namespace) -> int:
     """CPU: how far a training step lifts the process's resident memory at its peak (gradients, AdamW
     state, activations, workspaces), in a fresh process that holds only this model, so that memory
     another model freed cannot hide any of it."""
-    call = (f"bench_unet.print_peak_resident_growth({name!r}, {layout_name(layout)!r}, {batch}, "
-            f"{DTYPE_NAMES[precision.dtype]!r}, {precision.autocast}, {malloc!r})")  # fmt: skip
+    call = (f"bench_unet.print_peak_resident_growth({name!r}, {layout_name(layout)!r}, {args.train_batch}, "
+            f"{args.dtype!r}, {args.autocast}, {args.malloc!r})")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", f"import bench_unet; {call}"], cwd=Path(__file__).parent,
                             capture_output=True, text=True)  # fmt: skip
     if result.returncode:
@@ -269,12 +268,7 @@ OURS, TWIN = "PetsUNet2DModel", "UNet2DModel twin"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    parser.add_argument("--autocast", action="store_true",
-                        help="Keep fp32 weights and run under torch.autocast(--dtype), as "
-                             "train_unconditional.py --mixed_precision does.")  # fmt: skip
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    add_workload_arguments(parser, compile_help="torch.compile both models")
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--infer-batch", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2, help="Untimed calls of each workload (at least 1).")
@@ -299,7 +293,7 @@ def main() -> None:
     torch.manual_seed(0)
     ours = on_device(PetsUNet2DModel(), device, precision.weights)
     twin = on_device(twin_of(ours), device, precision.weights)
-    ours_layout = preferred_memory_format(device) if args.ours_layout == "auto" else LAYOUTS[args.ours_layout]
+    ours_layout = chosen_layout(args.ours_layout, device)
     # Every timed contestant: (model, layout). The twin is one or two of them, each a copy in its
     # layout; its FLOPs and activations are counted on `twin` itself, contiguous.
     twin_layouts = list(LAYOUTS) if args.twin_layout == "best" else [args.twin_layout]
@@ -338,7 +332,7 @@ def main() -> None:
             rows[name]["train peak MB"] = peak_cuda_bytes(train[timed]) / 2**20
         else:
             rows[name]["train peak resident MB added (own process)"] = (
-                peak_resident_bytes(name, contestants[timed][1], args.train_batch, precision, args.malloc) / 2**20
+                peak_resident_bytes(name, contestants[timed][1], args) / 2**20
             )
     del train
     progress("inference steps")
@@ -382,6 +376,21 @@ def main() -> None:
         print(f"| {metric} | {cell.format(a)} | {cell.format(b)} | {ratio} |")
     print(f"| activation MB with gradient checkpointing (ours) | {checkpointed:.2f} | | "
           f"{checkpointed / rows[OURS]['activation MB (saved for bwd, train batch)']:.2f} of plain |")  # fmt: skip
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser, compile_help: str) -> None:
+    """--device, --dtype, --autocast and --compile, as every benchmark script takes them."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--autocast", action="store_true",
+                        help="Keep fp32 weights and run under torch.autocast(--dtype), as "
+                             "train_unconditional.py --mixed_precision does.")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help=compile_help)
+
+
+def chosen_layout(choice: str, device: torch.device) -> torch.memory_format:
+    """A layout option's value: "auto" is the layout pets-diffusion picks for the device."""
+    return preferred_memory_format(device) if choice == "auto" else LAYOUTS[choice]
 
 
 def on_device(model, device, dtype):

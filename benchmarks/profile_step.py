@@ -13,20 +13,28 @@ take themselves, with each one's share of the total.
 import argparse
 
 import torch
-from bench_unet import DTYPES, LAYOUTS, Inference, Precision, TrainStep, layout_name, on_device, progress, sync
+from bench_unet import (
+    DTYPES,
+    LAYOUTS,
+    Inference,
+    Precision,
+    TrainStep,
+    add_workload_arguments,
+    chosen_layout,
+    layout_name,
+    on_device,
+    progress,
+    sync,
+)
 from torch.profiler import ProfilerActivity, profile
 
 from pets_diffusion import PetsUNet2DModel
 from pets_diffusion.allocator import retain_freed_memory
-from pets_diffusion.layout import preferred_memory_format
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    parser.add_argument("--autocast", action="store_true", help="fp32 weights under torch.autocast(--dtype)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_workload_arguments(parser, compile_help="torch.compile the model")
     parser.add_argument("--inference", action="store_true", help="Profile an inference step, not a training step.")
     parser.add_argument("--batch", type=int, default=None, help="Default: 8 for training, 16 for inference.")
     parser.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS])
@@ -38,7 +46,7 @@ def main() -> None:
     precision = Precision(device, DTYPES[args.dtype], args.autocast)
     if device.type == "cpu":
         retain_freed_memory()  # as pets-diffusion's CPU training and sampling run
-    layout = preferred_memory_format(device) if args.layout == "auto" else LAYOUTS[args.layout]
+    layout = chosen_layout(args.layout, device)
     batch = args.batch or (16 if args.inference else 8)
 
     torch.manual_seed(0)

@@ -13,7 +13,18 @@ import argparse
 import copy
 
 import torch
-from bench_unet import DTYPES, LAYOUTS, Inference, Precision, TrainStep, alternate, on_device, progress, twin_of
+from bench_unet import (
+    DTYPES,
+    LAYOUTS,
+    Inference,
+    Precision,
+    TrainStep,
+    add_workload_arguments,
+    alternate,
+    on_device,
+    progress,
+    twin_of,
+)
 
 from pets_diffusion import PetsUNet2DModel
 from pets_diffusion.unet import Upsample
@@ -50,10 +61,7 @@ def build_variants(names: list[str], device, weights_dtype) -> dict[str, tuple[t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    parser.add_argument("--autocast", action="store_true", help="fp32 weights under torch.autocast(--dtype)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every variant (each compiles)")
+    add_workload_arguments(parser, compile_help="torch.compile every variant (each compiles)")
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--infer-batch", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)
