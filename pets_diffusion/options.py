@@ -1,6 +1,7 @@
 """Command-line options of `train_unconditional.py`: diffusers' example flags plus ours, and their checks."""
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -152,6 +153,9 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} must be at least 1 when given, got {value}.")  # fmt: skip
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine.")
+    if args.logger == "wandb" and importlib.util.find_spec("wandb") is None:
+        # Accelerate would drop the tracker with only a debug message, and the run would log nothing.
+        raise UsageError("--logger wandb needs the wandb package: pip install wandb, or use --logger tensorboard.")
     _check_output_dir(Path(args.output_dir))
     _check_data_source(args)
     _check_resolution(args)

@@ -1,5 +1,6 @@
 """Reliability: exact resume after SIGKILL, atomic checkpoints, odd and broken images, clear errors."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -217,11 +218,14 @@ def bad_run(tmp_path: Path, *args: str) -> tuple[str, Path]:
         (("--lr_scheduler", "warmup"), "argument --lr_scheduler: invalid choice: 'warmup'"),
         (("--ddpm_beta_schedule", "cubic"), "argument --ddpm_beta_schedule: invalid choice: 'cubic'"),
         (("--model_config_name_or_path", "/nonexistent/config.json"), "/nonexistent/config.json does not exist"),
+        (("--logger", "wandb"), "--logger wandb needs the wandb package"),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, args, expected):
     if args[0] == "--mixed_precision" and torch.cuda.is_available():
         pytest.skip("fp16 is valid on a machine with a GPU")
+    if args[0] == "--logger" and importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
     message, output = bad_run(tmp_path, *args)
     assert expected in message
     assert not output.exists()
