@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import OneLineParser
+from .options import OneLineParser, positive_int
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="Generate images from a pipeline folder or Hub repo.")
     _add_sampler_options(sample)
-    sample.add_argument("--num-images", type=int, default=16)
+    sample.add_argument("--num-images", type=positive_int, default=16)
     sample.add_argument("--out", type=Path, default=None, help="Write a grid of all images here (PNG).")
     sample.add_argument("--out-dir", type=Path, default=None, help="Write one PNG per image here.")
     sample.add_argument("--trajectory", type=Path, default=None,
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reference", required=True, help="A `datasets` name or local dataset/image folder.")
     evaluate.add_argument("--split", default="train")
     evaluate.add_argument("--image-column", default="image")
-    evaluate.add_argument("--num-samples", type=int, default=1000, help="Images to generate.")
+    evaluate.add_argument("--num-samples", type=positive_int, default=1000, help="Images to generate.")
     evaluate.add_argument("--metrics", default="fid,kid", help="Comma-separated: fid, kid.")
     evaluate.add_argument("--inception-weights", type=Path, default=None,
                           help="torch-fidelity's Inception weights (pt_inception-2015-12-05-*.pth).")  # fmt: skip
@@ -63,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="A pipeline folder or a Hub repo id.")
     parser.add_argument("--scheduler", default="dpmsolver", choices=["ddpm", "ddim", "dpmsolver"])
-    parser.add_argument("--steps", type=int, default=None, help="Default: 1000 (ddpm), 50 (ddim), 25 (dpmsolver).")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="Default: 1000 (ddpm), 50 (ddim), 25 (dpmsolver).")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
 
@@ -159,6 +160,8 @@ def _model_folder(model: str) -> str:
     try:
         return snapshot_download(model, allow_patterns=patterns)
     except Exception as error:  # noqa: BLE001 - huggingface_hub raises many kinds; all mean "not loadable"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise FileNotFoundError(
-            f"{model} is neither a local pipeline folder nor a loadable Hub repo ({error})"
+            f"{model} is neither a local pipeline folder nor a loadable Hub repo ({reason}); "
+            "check the path, or the repo id and the network."
         ) from None

@@ -23,6 +23,17 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser: the same flags, meanings and defaults as diffusers' unconditional example, plus ours."""
     parser = OneLineParser(
@@ -40,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train_data_dir", default=None, help="An image folder; wins over --dataset_name.")
     add("--image_column", default="image", help="The dataset column holding the images.")
     add("--cache_dir", default=None, help="Where downloaded datasets are cached.")
-    add("--resolution", type=int, default=64, help="Training images are resized and cropped to this.")
+    add("--resolution", type=positive_int, default=64, help="Training images are resized and cropped to this.")
     add("--center_crop", action="store_true", help="Crop at the centre instead of at random.")
     add(
         "--random_flip",
@@ -56,15 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="A folder or config.json for PetsUNet2DModel; default: the seed design at --resolution.",
     )
     add("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
-    add("--ddpm_num_steps", type=int, default=1000, help="Diffusion steps in training.")
-    add("--ddpm_num_inference_steps", type=int, default=1000, help="Sampling steps for sample grids.")
+    add("--ddpm_num_steps", type=positive_int, default=1000, help="Diffusion steps in training.")
+    add("--ddpm_num_inference_steps", type=positive_int, default=1000, help="Sampling steps for sample grids.")
     add("--ddpm_beta_schedule", default="linear", choices=["linear", "squaredcos_cap_v2"])
     add("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is usual).")
     # Optimisation
-    add("--train_batch_size", type=int, default=16, help="Batch size per device.")
-    add("--num_epochs", type=int, default=100)
-    add("--max_train_steps", type=int, default=None, help="Total optimiser steps; overrides --num_epochs.")
-    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--train_batch_size", type=positive_int, default=16, help="Batch size per device.")
+    add("--num_epochs", type=positive_int, default=100)
+    add("--max_train_steps", type=positive_int, default=None, help="Total optimiser steps; overrides --num_epochs.")
+    add("--gradient_accumulation_steps", type=positive_int, default=1)
     add("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
     add("--learning_rate", type=float, default=1e-4)
     add(
@@ -106,12 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     # Outputs
     add("--output_dir", default="ddpm-model-64", help="Pipeline, checkpoints, logs and samples go here.")
     add("--overwrite_output_dir", action="store_true", help="Empty --output_dir before training.")
-    add("--eval_batch_size", type=int, default=16, help="Images in each sample grid.")
-    add("--save_images_epochs", type=int, default=10, help="Sample a grid every N epochs.")
-    add("--save_images_steps", type=int, default=None, help="Sample a grid every N steps instead.")
-    add("--save_model_epochs", type=int, default=10, help="Save the pipeline every N epochs.")
-    add("--checkpointing_steps", type=int, default=500, help="Save the training state every N steps.")
-    add("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    add("--eval_batch_size", type=positive_int, default=16, help="Images in each sample grid.")
+    add("--save_images_epochs", type=positive_int, default=10, help="Sample a grid every N epochs.")
+    add("--save_images_steps", type=positive_int, default=None, help="Sample a grid every N steps instead.")
+    add("--save_model_epochs", type=positive_int, default=10, help="Save the pipeline every N epochs.")
+    add("--checkpointing_steps", type=positive_int, default=500, help="Save the training state every N steps.")
+    add("--checkpoints_total_limit", type=positive_int, default=None, help="Keep at most this many checkpoints.")
     add("--resume_from_checkpoint", default=None, help="A checkpoint folder, or `latest`.")
     add("--logger", default="tensorboard", choices=["tensorboard", "wandb"])
     add("--logging_dir", default="logs", help="TensorBoard folder, inside --output_dir.")
@@ -135,22 +146,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Raise UsageError for the first argument the run cannot start with, before any heavy work."""
-    for name in (
-        "train_batch_size",
-        "eval_batch_size",
-        "gradient_accumulation_steps",
-        "num_epochs",
-        "ddpm_num_steps",
-        "ddpm_num_inference_steps",
-        "save_images_epochs",
-        "save_model_epochs",
-    ):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}.")
-    for name in ("max_train_steps", "save_images_steps", "checkpointing_steps", "checkpoints_total_limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name} must be at least 1 when given, got {value}.")  # fmt: skip
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine.")
     if args.logger == "wandb" and importlib.util.find_spec("wandb") is None:

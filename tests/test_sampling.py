@@ -105,7 +105,13 @@ def test_sample_command_errors_are_one_line(pipeline_folder, tmp_path):
     assert bad_scheduler.returncode == 2 and "invalid choice: 'euler'" in bad_scheduler.stderr
     not_a_model = run_cli("sample", str(tmp_path), "--out", str(tmp_path / "x.png"))
     assert not_a_model.returncode == 2 and "holds no pipeline" in not_a_model.stderr
-    for result in (no_output, bad_scheduler, not_a_model):
+    no_steps = run_cli("sample", str(pipeline_folder), "--steps", "0", "--out", str(tmp_path / "x.png"))
+    assert no_steps.returncode == 2 and "argument --steps: must be at least 1, got 0" in no_steps.stderr
+    no_images = run_cli("sample", str(pipeline_folder), "--num-images", "-2", "--out", str(tmp_path / "x.png"))
+    assert no_images.returncode == 2 and "argument --num-images: must be at least 1, got -2" in no_images.stderr
+    missing = run_cli("sample", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "x.png"))
+    assert missing.returncode == 2 and "is neither a local pipeline folder nor a loadable Hub repo" in missing.stderr
+    for result in (no_output, bad_scheduler, not_a_model, no_steps, no_images, missing):
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
