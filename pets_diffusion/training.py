@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -225,7 +226,7 @@ def train(args) -> dict:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=args.logger,
+        log_with=list(dict.fromkeys(["tensorboard", args.logger])),  # TensorBoard always: the loss curve reads it
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
         **({"dynamo_backend": "inductor"} if args.use_torch_compile else {}),
     )
@@ -492,7 +493,7 @@ def push_run(args, commit_message: str) -> None:
 
 
 def write_sample_grid(unet, noise_scheduler, args, accelerator: Accelerator, step: int) -> None:
-    """Sample a seeded grid with the (EMA) UNet; write it to samples/, TensorBoard, and redraw the loss curve."""
+    """Sample a seeded grid with the (EMA) UNet; write it to samples/ and every tracker; redraw the loss curve."""
     unet.eval()
     scheduler = DDPMScheduler.from_config(noise_scheduler.config)
     with accelerator.autocast():
@@ -505,13 +506,14 @@ def write_sample_grid(unet, noise_scheduler, args, accelerator: Accelerator, ste
     samples_dir.mkdir(exist_ok=True)
     picture = sampling.grid(images)
     picture.save(samples_dir / f"step-{step:07d}.png")
-    tracker = accelerator.get_tracker("tensorboard", unwrap=True) if args.logger == "tensorboard" else None
-    if tracker is not None:
-        import numpy as np
-
-        tracker.add_image("samples", np.asarray(picture), step, dataformats="HWC")
-        tracker.flush()
-        plot_loss_curve(Path(args.output_dir) / args.logging_dir, Path(args.output_dir) / "loss_curve.png")
+    pixels = np.asarray(picture)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": pixels[None]}, step, dataformats="NHWC")
+            tracker.writer.flush()
+        else:
+            tracker.log_images({"samples": [pixels]}, step)
+    plot_loss_curve(Path(args.output_dir) / args.logging_dir, Path(args.output_dir) / "loss_curve.png")
 
 
 def cpu_has_amx() -> bool:

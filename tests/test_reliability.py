@@ -1,6 +1,5 @@
 """Reliability: exact resume after SIGKILL, atomic checkpoints, odd and broken images, clear errors."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from datasets import Dataset, Image
 from safetensors.torch import load_file
 
 from pets_diffusion.data import TrainingImages, augmentation, decode_rgb, load_image_dataset, prepare_images
+from pets_diffusion.options import UsageError, parse_args, validate_args
 from pets_diffusion.training import complete_checkpoints, prune_checkpoints, resolve_checkpoint
 
 from .helpers import (
@@ -219,17 +219,21 @@ def bad_run(tmp_path: Path, *args: str) -> tuple[str, Path]:
         (("--lr_scheduler", "warmup"), "argument --lr_scheduler: invalid choice: 'warmup'"),
         (("--ddpm_beta_schedule", "cubic"), "argument --ddpm_beta_schedule: invalid choice: 'cubic'"),
         (("--model_config_name_or_path", "/nonexistent/config.json"), "/nonexistent/config.json does not exist"),
-        (("--logger", "wandb"), "--logger wandb needs the wandb package"),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, args, expected):
     if args[0] == "--mixed_precision" and torch.cuda.is_available():
         pytest.skip("fp16 is valid on a machine with a GPU")
-    if args[0] == "--logger" and importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed here")
     message, output = bad_run(tmp_path, *args)
     assert expected in message
     assert not output.exists()
+
+
+def test_logger_wandb_without_wandb_installed_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: find_spec("wandb") is None
+    args = parse_args(["--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--logger", "wandb"])
+    with pytest.raises(UsageError, match=r"--logger wandb needs the wandb package: pip install wandb"):
+        validate_args(args)
 
 
 def test_a_resume_folder_not_named_checkpoint_step_is_refused(tmp_path):

@@ -1,11 +1,13 @@
 """train_unconditional.py under real `accelerate launch` subprocesses, on tiny models and image sets."""
 
 import json
+import os
 import shutil
 
 import pytest
 import torch
 from diffusers import DDPMPipeline
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pets_diffusion.plotting import read_scalars
 
@@ -44,8 +46,37 @@ def test_a_run_writes_pipeline_checkpoints_logs_samples_and_plot(six_step_run):
     assert [step for step, _ in losses] == [1, 2, 3, 4, 5, 6]
     for tag in ("lr", "ema_decay", "grad_norm", "images_per_sec"):
         assert len(read_scalars(output / "logs", tag)) == 6, tag
+    assert logged_image_steps(output / "logs", "samples") == [3, 6]
     summary = json.loads((output / "train_summary.json").read_text())
     assert summary["global_step"] == 6 and summary["world_size"] == 1
+
+
+def logged_image_steps(log_dir, tag: str) -> list[int]:
+    """The steps at which TensorBoard events under `log_dir` hold an image called `tag`."""
+    steps = []
+    for events in log_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"images": 0})
+        accumulator.Reload()
+        if tag in accumulator.Tags()["images"]:
+            steps += [event.step for event in accumulator.Images(tag)]
+    return sorted(steps)
+
+
+def test_logger_wandb_gets_scalars_and_sample_grids_and_tensorboard_still_draws_the_curve(workspace, tmp_path):
+    output, wandb_dir = tmp_path / "run", tmp_path / "wandb-files"
+    wandb_dir.mkdir()
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
+    launch(tiny_training_args(
+        workspace["data"], workspace["config"], output, "--max_train_steps", "4", "--save_images_steps", "2",
+        "--checkpointing_steps", "4", "--logger", "wandb",
+    ), env=env)  # fmt: skip
+    (run,) = (wandb_dir / "wandb").glob("offline-run-*")
+    grids = sorted(path.name.split("_")[1] for path in (run / "files" / "media" / "images").glob("samples_*.png"))
+    assert grids == ["2", "4"]
+    history = next(run.glob("run-*.wandb")).read_bytes()  # protobuf records; metric names are stored as text
+    assert history.count(b"images_per_sec") >= 4 and history.count(b"ema_decay") >= 4
+    assert len(read_scalars(output / "logs", "loss")) == 4
+    assert (output / "loss_curve.png").stat().st_size > 1000
 
 
 def test_the_trained_folder_loads_and_samples(six_step_run):
