@@ -4,6 +4,7 @@ import argparse
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,15 +24,24 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def int_range(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from `minimum` to `maximum` (inclusive; no upper limit if None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_range(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="Flip images horizontally at random (default on; --no-random_flip turns it off).",
     )
-    add("--dataloader_num_workers", type=int, default=0, help="Data-loading worker processes.")
+    add("--dataloader_num_workers", type=int_range(0), default=0, help="Data-loading worker processes.")
     # Model and noise
     add(
         "--model_config_name_or_path",
@@ -90,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
             "constant_with_warmup",
         ],
     )
-    add("--lr_warmup_steps", type=int, default=500)
+    add("--lr_warmup_steps", type=int_range(0), default=500)
     add("--adam_beta1", type=float, default=0.95)
     add("--adam_beta2", type=float, default=0.999)
     add("--adam_weight_decay", type=float, default=1e-6)
@@ -113,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Keep weights and activations channels-last (default: on CPU yes, on GPUs no; the faster there).",
     )
-    add("--seed", type=int, default=None, help="Seed for a reproducible (and exactly resumable) run.")
+    add("--seed", type=int_range(0, 2**32 - 1), default=None, help="Seed for a reproducible, exactly resumable run.")
     # Outputs
     add("--output_dir", default="ddpm-model-64", help="Pipeline, checkpoints, logs and samples go here.")
     add("--overwrite_output_dir", action="store_true", help="Empty --output_dir before training.")

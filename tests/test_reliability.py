@@ -214,6 +214,8 @@ def bad_run(tmp_path: Path, *args: str) -> tuple[str, Path]:
         (("--resume_from_checkpoint", "checkpoint-99"), "--resume_from_checkpoint checkpoint-99 is not a checkpoint"),
         (("--train_batch_size", "0"), "argument --train_batch_size: must be at least 1, got 0"),
         (("--checkpointing_steps", "-5"), "argument --checkpointing_steps: must be at least 1, got -5"),
+        (("--dataloader_num_workers", "-1"), "argument --dataloader_num_workers: must be at least 0, got -1"),
+        (("--seed", "4294967296"), "argument --seed: must be at most 4294967295, got 4294967296"),
         (("--mixed_precision", "fp16"), "--mixed_precision fp16 needs a CUDA GPU"),
         (("--prediction_type", "noise"), "argument --prediction_type: invalid choice: 'noise'"),
         (("--lr_scheduler", "warmup"), "argument --lr_scheduler: invalid choice: 'warmup'"),
