@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -44,6 +45,27 @@ def int_range(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
 positive_int = int_range(1)
 
 
+def float_range(low: float, high: float = math.inf, open_low: bool = False, open_high: bool = False):
+    """An argparse type: a finite number from `low` to `high`, each end excluded when its `open_*` is set."""
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high or math.isinf(high) else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        above_low = value > low if open_low else value >= low
+        below_high = value < high if open_high else value <= high
+        if not (math.isfinite(value) and above_low and below_high):
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+
+    return parse
+
+
+positive_float = float_range(0.0, open_low=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser: the same flags, meanings and defaults as diffusers' unconditional example, plus ours."""
     parser = OneLineParser(
@@ -80,14 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ddpm_num_steps", type=positive_int, default=1000, help="Diffusion steps in training.")
     add("--ddpm_num_inference_steps", type=positive_int, default=1000, help="Sampling steps for sample grids.")
     add("--ddpm_beta_schedule", default="linear", choices=["linear", "squaredcos_cap_v2"])
-    add("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is usual).")
+    add("--snr_gamma", type=positive_float, default=None, help="Min-SNR loss weighting gamma (5.0 is usual).")
     # Optimisation
     add("--train_batch_size", type=positive_int, default=16, help="Batch size per device.")
     add("--num_epochs", type=positive_int, default=100)
     add("--max_train_steps", type=positive_int, default=None, help="Total optimiser steps; overrides --num_epochs.")
     add("--gradient_accumulation_steps", type=positive_int, default=1)
     add("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
-    add("--learning_rate", type=float, default=1e-4)
+    add("--learning_rate", type=positive_float, default=1e-4)
     add(
         "--lr_scheduler",
         default="cosine",
@@ -101,20 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
         ],
     )
     add("--lr_warmup_steps", type=int_range(0), default=500)
-    add("--adam_beta1", type=float, default=0.95)
-    add("--adam_beta2", type=float, default=0.999)
-    add("--adam_weight_decay", type=float, default=1e-6)
-    add("--adam_epsilon", type=float, default=1e-08)
-    add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    add("--adam_beta1", type=float_range(0.0, 1.0, open_high=True), default=0.95)
+    add("--adam_beta2", type=float_range(0.0, 1.0, open_high=True), default=0.999)
+    add("--adam_weight_decay", type=float_range(0.0), default=1e-6)
+    add("--adam_epsilon", type=float_range(0.0), default=1e-08)
+    add("--max_grad_norm", type=positive_float, default=1.0, help="Gradient clipping norm.")
     add(
         "--use_ema",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="Keep an EMA of the weights and save it (default on; --no-use_ema turns it off).",
     )
-    add("--ema_inv_gamma", type=float, default=1.0)
-    add("--ema_power", type=float, default=3 / 4)
-    add("--ema_max_decay", type=float, default=0.9999)
+    add("--ema_inv_gamma", type=positive_float, default=1.0)
+    add("--ema_power", type=positive_float, default=3 / 4)
+    add("--ema_max_decay", type=float_range(0.0, 1.0), default=0.9999)
     add("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     add("--use_torch_compile", action="store_true", help="torch.compile the UNet (inductor) for speed.")
     add(
