@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ import yaml
 from diffusers import DDPMScheduler
 
 from pets_diffusion import PetsUNet2DModel
+from pets_diffusion.hub import export_for_hub
 from pets_diffusion.training import save_pipeline
 
 from .conftest import randomise_zero_inits
@@ -177,6 +179,16 @@ def test_the_model_card_is_complete_and_its_images_exist(hub, training_output, t
     assert sorted(referenced) == ["loss_curve.png", "samples.png"]
     assert all(name in files for name in referenced)
     assert "{{" not in card
+
+
+def test_a_card_without_images_references_none(training_output, tmp_path):
+    plain = tmp_path / "plain"
+    shutil.copytree(training_output, plain, ignore=shutil.ignore_patterns("samples", "loss_curve.png", "checkpoint-*"))
+    export_dir = export_for_hub(plain, tmp_path / "export", "tester/plain")
+    card = (export_dir / "README.md").read_text()
+    assert re.findall(r"!\[[^\]]*\]\(([^)]*)\)", card) == []
+    assert "No sample grid was saved with this run: `pets-diffusion sample tester/plain --out grid.png`" in card
+    assert "{%" not in card and "{{" not in card
 
 
 def test_sample_command_and_package_load_from_the_hub(hub, training_output, tmp_path):
