@@ -101,10 +101,11 @@ def run_evaluate(args) -> None:
     report_path = args.report or (Path(args.model) / "evaluation.json" if Path(args.model).is_dir() else None)
     if report_path is None:
         raise ValueError("give --report PATH for a Hub model")
+    metrics = [name.strip() for name in args.metrics.split(",") if name.strip()]
     report = evaluate(
         unet, scheduler, args.reference, split=args.split, image_column=args.image_column,
         num_samples=args.num_samples, num_inference_steps=steps, scheduler_name=args.scheduler,
-        seed=args.seed, batch_size=args.batch_size, metrics=args.metrics.split(","),
+        seed=args.seed, batch_size=args.batch_size, metrics=metrics,
         inception_weights=args.inception_weights, cache_dir=args.cache_dir, model_name=args.model,
         report_path=report_path,
     )  # fmt: skip

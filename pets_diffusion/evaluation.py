@@ -134,8 +134,9 @@ def evaluate(
     import torch_fidelity
 
     unknown = set(metrics) - METRICS
-    if unknown:
-        raise ValueError(f"unknown metric(s) {', '.join(sorted(unknown))}; choose from fid, kid.")
+    if unknown or not metrics:
+        named = f"unknown metric(s) {', '.join(sorted(unknown))}" if unknown else "no metric named"
+        raise ValueError(f"{named}; choose from fid, kid.")
     started = time.perf_counter()
     weights = inception_weights_path(inception_weights)
     weights_sha256 = _checked_weights(weights)

@@ -1,6 +1,7 @@
 """FID/KID through torch-fidelity, with Inception weights the test makes (nothing is downloaded)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,9 @@ def test_weights_that_are_not_plain_tensors_are_refused(tmp_path):
     torch.save({"layer": torch.zeros(1), "extra": evaluation.ImageTensors([])}, path)
     with pytest.raises(ValueError, match="not a plain state dict of tensors"):
         evaluation._checked_weights(path)
+
+
+@pytest.mark.parametrize(("metrics", "message"), [(["fid", "is"], "unknown metric(s) is"), ([], "no metric named")])
+def test_unknown_or_no_metrics_are_refused_before_any_work(tiny_unet, metrics, message):
+    with pytest.raises(ValueError, match=re.escape(f"{message}; choose from fid, kid.")):
+        evaluation.evaluate(tiny_unet, DDPMScheduler(num_train_timesteps=50), "/nonexistent", metrics=metrics)
