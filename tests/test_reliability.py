@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from pets_diffusion.data import TrainingImages, augmentation, decode_rgb, load_image_dataset, prepare_images
 from pets_diffusion.options import UsageError, parse_args, validate_args
-from pets_diffusion.training import complete_checkpoints, prune_checkpoints, resolve_checkpoint
+from pets_diffusion.training import complete_checkpoints, main, prune_checkpoints, resolve_checkpoint
 
 from .helpers import (
     ACCELERATE,
@@ -185,8 +185,8 @@ def test_training_goes_on_past_broken_images_and_says_which(workspace, tmp_path)
 # -- clear errors before any heavy work -----------------------------------------------------------
 
 
-def bad_run(tmp_path: Path, *args: str) -> tuple[str, Path]:
-    """Run train_unconditional.py with bad arguments; return its single error line and output dir."""
+def bad_arguments(tmp_path: Path, *args: str) -> tuple[list[str], Path]:
+    """A fast tiny run's flags with `args` added, and the output dir it would write."""
     output = tmp_path / "out"
     data = make_image_folder(tmp_path / "data", count=2)
     config = write_tiny_config(tmp_path / "tiny.json")
@@ -194,16 +194,26 @@ def bad_run(tmp_path: Path, *args: str) -> tuple[str, Path]:
     if "--dataset_name" in args:  # read the dataset named, not the image folder
         at = full.index("--train_data_dir")
         del full[at : at + 2]
+    return full, output
+
+
+def single_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("train_unconditional.py: error: ")
+    return lines[0]
+
+
+def bad_run(tmp_path: Path, *args: str) -> tuple[str, Path]:
+    """Run train_unconditional.py with bad arguments; return its single error line and output dir."""
+    full, output = bad_arguments(tmp_path, *args)
     started = time.monotonic()
     result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *full], capture_output=True, text=True, timeout=120,
                             cwd=ROOT)  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("train_unconditional.py: error: ")
     assert time.monotonic() - started < 60
-    return lines[0], output
+    return single_error_line(result.stderr), output
 
 
 @pytest.mark.parametrize(
@@ -226,11 +236,15 @@ def bad_run(tmp_path: Path, *args: str) -> tuple[str, Path]:
         (("--model_config_name_or_path", "/nonexistent/config.json"), "/nonexistent/config.json does not exist"),
     ],
 )
-def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, args, expected):
+def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, capsys, args, expected):
+    """In process (the script's own entry point, minus the interpreter start): the subprocess tests below cover that."""
     if args[0] == "--mixed_precision" and torch.cuda.is_available():
         pytest.skip("fp16 is valid on a machine with a GPU")
-    message, output = bad_run(tmp_path, *args)
-    assert expected in message
+    full, output = bad_arguments(tmp_path, *args)
+    with pytest.raises(SystemExit) as exited:
+        main(full)
+    assert exited.value.code == 2
+    assert expected in single_error_line(capsys.readouterr().err)
     assert not output.exists()
 
 
