@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import OneLineParser, positive_int
+from .options import OneLineParser, first_line, positive_int
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,8 +161,7 @@ def _model_folder(model: str) -> str:
     try:
         return snapshot_download(model, allow_patterns=patterns)
     except Exception as error:  # noqa: BLE001 - huggingface_hub raises many kinds; all mean "not loadable"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise FileNotFoundError(
-            f"{model} is neither a local pipeline folder nor a loadable Hub repo ({reason}); "
+            f"{model} is neither a local pipeline folder nor a loadable Hub repo ({first_line(error)}); "
             "check the path, or the repo id and the network."
         ) from None

@@ -11,6 +11,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from . import unet as unet_module
+from .options import first_line
 
 REMOTE_MODULE = "pets_unet"  # unet/pets_unet.py on the Hub; model_index.json names ["pets_unet", "PetsUNet2DModel"]
 PIPELINE_FILES = (
@@ -99,8 +100,7 @@ def _explain(error: HfHubHTTPError, repo_id: str) -> str:
         403: f"the token may not write to {repo_id}: use a write token for that owner",
         404: f"{repo_id} or the revision was not found: check the owner, name and --revision",
     }.get(status, "the Hub failed: try again later")
-    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return f"push to {repo_id} failed, nothing was committed: {advice} (HTTP {status}: {first_line})"
+    return f"push to {repo_id} failed, nothing was committed: {advice} (HTTP {status}: {first_line(error)})"
 
 
 def render_model_card(output_dir: str | Path, repo_id: str, export_dir: str | Path | None = None) -> ModelCard:

@@ -17,6 +17,12 @@ class UsageError(ValueError):
     """An argument the run cannot start with; the message names the problem and the fix."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none), for one-line errors."""
+    message = str(error).strip()
+    return message.splitlines()[0] if message else type(error).__name__
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (no usage dump), exit status 2."""
 

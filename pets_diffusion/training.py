@@ -26,7 +26,7 @@ from . import sampling
 from .allocator import retain_freed_memory
 from .data import EpochSampler, TrainingImages, augmentation, load_image_dataset, prepare_images
 from .layout import preferred_memory_format
-from .options import UsageError, parse_args, validate_args
+from .options import UsageError, first_line, parse_args, validate_args
 from .plotting import plot_loss_curve
 from .unet import PetsUNet2DModel
 
@@ -67,7 +67,7 @@ def build_model_config(args) -> dict:
         try:
             config.update(PetsUNet2DModel.load_config(path))
         except (OSError, ValueError) as error:
-            raise UsageError(f"--model_config_name_or_path {path}: {str(error).splitlines()[0]}") from None
+            raise UsageError(f"--model_config_name_or_path {path}: {first_line(error)}") from None
     return {**config, "sample_size": args.resolution}
 
 
@@ -118,7 +118,7 @@ def load_training_images(args):
     except (FileNotFoundError, ConnectionError, DatasetNotFoundError) as error:
         source = args.train_data_dir or args.dataset_name
         raise UsageError(
-            f"cannot load the dataset {source} ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            f"cannot load the dataset {source} ({type(error).__name__}: {first_line(error)}); "
             "check the name or path, or go online once to download it."
         ) from None
     except ValueError as error:
