@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import checkpoint_step, resolve_checkpoint
 from .data import DEFAULT_DATASET
+from .unet import PetsUNet2DModel
 
 
 class UsageError(ValueError):
@@ -193,8 +196,6 @@ def validate_args(args: argparse.Namespace) -> None:
     _check_data_source(args)
     _check_resolution(args)
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        from .training import checkpoint_step, resolve_checkpoint
-
         checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
         if not checkpoint.is_dir() or checkpoint_step(checkpoint) is None:
             raise UsageError(
@@ -227,8 +228,6 @@ def _check_data_source(args: argparse.Namespace) -> None:
 
 
 def _check_resolution(args: argparse.Namespace) -> None:
-    from .training import build_model_config
-
     config = build_model_config(args)
     factor = 2 ** len(config["block_out_channels"])
     if args.resolution % factor:
@@ -236,3 +235,21 @@ def _check_resolution(args: argparse.Namespace) -> None:
             f"--resolution {args.resolution} is not a multiple of {factor}, the UNet's total downsampling; "
             f"use e.g. {max(factor, args.resolution // factor * factor)}."
         )
+
+
+def build_model_config(args: argparse.Namespace) -> dict:
+    """PetsUNet2DModel's config: --model_config_name_or_path's, or the default design; at --resolution."""
+    config = {
+        name: parameter.default
+        for name, parameter in inspect.signature(PetsUNet2DModel.__init__).parameters.items()
+        if name != "self"
+    }
+    if args.model_config_name_or_path:
+        path = args.model_config_name_or_path
+        if not os.path.exists(path) and (path.endswith(".json") or path.startswith((".", "/", "~"))):
+            raise UsageError(f"--model_config_name_or_path {path} does not exist; give a folder or a config.json.")
+        try:
+            config.update(PetsUNet2DModel.load_config(path))
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--model_config_name_or_path {path}: {first_line(error)}") from None
+    return {**config, "sample_size": args.resolution}

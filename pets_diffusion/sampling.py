@@ -11,6 +11,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .objective import original_from_prediction
+
 SCHEDULERS = {
     "ddpm": DDPMScheduler,
     "ddim": DDIMScheduler,
@@ -95,14 +97,7 @@ def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
 def predicted_original(scheduler, sample: torch.Tensor, model_output: torch.Tensor, timestep) -> torch.Tensor:
     """x̂_0 from x_t and the model output, for the scheduler's prediction type."""
     alpha_bar = scheduler.alphas_cumprod.to(sample.device)[timestep].to(sample.dtype)
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return (sample - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
-    if prediction_type == "v_prediction":
-        return alpha_bar.sqrt() * sample - (1 - alpha_bar).sqrt() * model_output
-    if prediction_type == "sample":
-        return model_output
-    raise ValueError(f"Unknown prediction type {prediction_type!r}.")
+    return original_from_prediction(scheduler.config.prediction_type, sample, model_output, alpha_bar)
 
 
 @torch.no_grad()

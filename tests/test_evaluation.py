@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 from pets_diffusion import evaluation
-from pets_diffusion.training import save_pipeline
+from pets_diffusion.checkpoints import save_pipeline
 
 from .helpers import make_image_folder
 

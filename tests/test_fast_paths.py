@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from pets_diffusion.components import cpu_has_amx
 from pets_diffusion.layout import preferred_memory_format
-from pets_diffusion.training import cpu_has_amx
 from pets_diffusion.unet import Upsample
 
 from .helpers import launch, make_image_folder, tiny_training_args, write_tiny_config

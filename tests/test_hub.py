@@ -15,8 +15,8 @@ import yaml
 from diffusers import DDPMScheduler
 
 from pets_diffusion import PetsUNet2DModel
+from pets_diffusion.checkpoints import save_pipeline
 from pets_diffusion.hub import export_for_hub
-from pets_diffusion.training import save_pipeline
 
 from .conftest import randomise_zero_inits
 from .hub_server import HubServer

@@ -21,3 +21,25 @@ def test_readme_starts_with_main_job_and_test_commands():
 def test_ci_runs_the_readme_test_command_verbatim():
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert readme_commands()[1] in ci_lines
+
+
+def test_the_package_modules_import_each_other_without_cycles():
+    import ast
+
+    package = ROOT / "pets_diffusion"
+    imports = {}
+    for path in package.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names |= {node.module} if node.module else {alias.name for alias in node.names}
+        imports[path.stem] = names & {p.stem for p in package.glob("*.py")}
+    assert imports["options"] and imports["training"]  # the scan sees relative imports
+
+    def visit(module, stack):
+        assert module not in stack, f"import cycle: {' -> '.join([*stack, module])}"
+        for imported in imports[module]:
+            visit(imported, [*stack, module])
+
+    for module in imports:
+        visit(module, [])

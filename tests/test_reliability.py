@@ -15,9 +15,10 @@ import torch
 from datasets import Dataset, Image
 from safetensors.torch import load_file
 
+from pets_diffusion.checkpoints import complete_checkpoints, prune_checkpoints, resolve_checkpoint
 from pets_diffusion.data import TrainingImages, augmentation, decode_rgb, load_image_dataset, prepare_images
 from pets_diffusion.options import UsageError, parse_args, validate_args
-from pets_diffusion.training import complete_checkpoints, main, prune_checkpoints, resolve_checkpoint
+from pets_diffusion.training import main
 
 from .helpers import (
     ACCELERATE,
