@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"pets-diffusion {args.command}: error: {error}", file=sys.stderr)
+        print(f"pets-diffusion {args.command}: error: {first_line(error)}", file=sys.stderr)
         raise SystemExit(2 if isinstance(error, (ValueError, FileNotFoundError)) else 1) from None
 
 
@@ -30,13 +30,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Also write the denoising trajectory (x_t, predicted x_0) of 4 samples.")  # fmt: skip
     sample.set_defaults(run=run_sample)
 
-    evaluate = commands.add_parser("evaluate", help="FID/KID of generated images against a reference dataset.")
+    evaluate = commands.add_parser(
+        "evaluate", help="Held-out bits/dim and loss, memorisation, FID/KID against a reference dataset."
+    )
     _add_sampler_options(evaluate)
-    evaluate.add_argument("--reference", required=True, help="A `datasets` name or local dataset/image folder.")
-    evaluate.add_argument("--split", default="train")
+    evaluate.add_argument("--reference", required=True, help="Held-out images: a `datasets` name or local folder.")
+    evaluate.add_argument("--split", default="train", help="The reference's split (default: %(default)s).")
     evaluate.add_argument("--image-column", default="image")
-    evaluate.add_argument("--num-samples", type=positive_int, default=1000, help="Images to generate.")
-    evaluate.add_argument("--metrics", default="fid,kid", help="Comma-separated: fid, kid.")
+    evaluate.add_argument("--metrics", default="nll,loss",
+                          help="Comma-separated: nll, loss, memorization, fid, kid (default: %(default)s, "
+                               "which need no download).")  # fmt: skip
+    evaluate.add_argument("--num-images", type=positive_int, default=None,
+                          help="Held-out images scored by nll and loss (default: all).")  # fmt: skip
+    evaluate.add_argument("--nll-timesteps", type=positive_int, default=50,
+                          help="KL terms evaluated for bits/dim, stratified (default: %(default)s; the number of "
+                               "training timesteps, e.g. 1000, evaluates all of them).")  # fmt: skip
+    evaluate.add_argument("--num-samples", type=positive_int, default=1000,
+                          help="Images to generate for memorization and FID/KID.")  # fmt: skip
+    evaluate.add_argument("--train-reference", default=None,
+                          help="The images the model trained on (for memorization).")  # fmt: skip
+    evaluate.add_argument("--train-split", default="train")
     evaluate.add_argument("--inception-weights", type=Path, default=None,
                           help="torch-fidelity's Inception weights (pt_inception-2015-12-05-*.pth).")  # fmt: skip
     evaluate.add_argument("--report", type=Path, default=None,
@@ -102,12 +115,13 @@ def run_evaluate(args) -> None:
     if report_path is None:
         raise ValueError("give --report PATH for a Hub model")
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()]
+    train_reference = (args.train_reference, args.train_split) if args.train_reference else None
     report = evaluate(
-        unet, scheduler, args.reference, split=args.split, image_column=args.image_column,
-        num_samples=args.num_samples, num_inference_steps=steps, scheduler_name=args.scheduler,
-        seed=args.seed, batch_size=args.batch_size, metrics=metrics,
-        inception_weights=args.inception_weights, cache_dir=args.cache_dir, model_name=args.model,
-        report_path=report_path,
+        unet, scheduler, args.reference, split=args.split, image_column=args.image_column, metrics=metrics,
+        num_images=args.num_images, nll_timesteps=args.nll_timesteps, num_samples=args.num_samples,
+        num_inference_steps=steps, scheduler_name=args.scheduler, seed=args.seed, batch_size=args.batch_size,
+        train_reference=train_reference, inception_weights=args.inception_weights, cache_dir=args.cache_dir,
+        model_name=args.model, report_path=report_path,
     )  # fmt: skip
     for name, value in report["metrics"].items():
         print(f"{name}: {value:.6g}")

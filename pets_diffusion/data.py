@@ -109,7 +109,7 @@ def prepare_images(
         logger.warning("Skipped %d unreadable image(s): %s", len(skipped), ", ".join(skipped))
     kept = [tensor for tensor in decoded if tensor is not None]
     if not kept:
-        raise ValueError("The dataset has no readable images.")
+        raise ValueError(f"The dataset has no readable images ({len(skipped)} could not be decoded); give images.")
     if sum(tensor.numel() for tensor in kept) <= max_cache_bytes:
         return kept, skipped
     readable = dataset.select([index for index, tensor in enumerate(decoded) if tensor is not None])

@@ -1,4 +1,4 @@
-"""FID and KID of generated images against a reference dataset, computed by torch-fidelity."""
+"""`pets-diffusion evaluate`: held-out bits/dim and loss, memorisation, and FID/KID (torch-fidelity)."""
 
 import hashlib
 import json
@@ -9,14 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DDPMScheduler
 from torchvision.transforms import v2
 
 from . import sampling
 from .data import load_image_dataset, prepare_images
+from .likelihood import bits_per_dim, heldout_loss
+from .memorization import memorization, nearest_picture
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
-METRICS = {"fid", "kid"}
+METRICS = ("nll", "loss", "memorization", "fid", "kid")  # the first three need no download
 
 
 class ImageTensors(torch.utils.data.Dataset):
@@ -42,6 +45,11 @@ class ReferenceImages(ImageTensors):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.crop(self.images[index])
+
+    def as_floats(self, count: int | None = None, seed: int = 0) -> torch.Tensor:
+        """`count` of the images (all if None; else a seeded choice) as floats in [-1, 1] on the 256-level grid."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+        return torch.stack([self[int(index)] for index in order]).float() / 127.5 - 1
 
 
 def inception_weights_path(given: str | Path | None) -> Path:
@@ -119,60 +127,125 @@ def evaluate(
     reference: str,
     split: str = "train",
     image_column: str = "image",
+    metrics: list[str] = ("nll", "loss"),
+    num_images: int | None = None,
+    nll_timesteps: int | None = 50,
     num_samples: int = 1000,
     num_inference_steps: int = 25,
     scheduler_name: str = "dpmsolver",
     seed: int = 0,
     batch_size: int = 16,
-    metrics: list[str] = ("fid", "kid"),
+    train_reference: tuple[str, str] | None = None,
     inception_weights: str | Path | None = None,
     cache_dir: str | Path | None = None,
     model_name: str = "model",
     report_path: str | Path | None = None,
 ) -> dict:
-    """Generate `num_samples` images, compare them with the reference split, return (and write) the report."""
-    import torch_fidelity
+    """Measure the model against held-out images (`reference`'s `split`); return (and write) the report.
 
-    unknown = set(metrics) - METRICS
+    nll and loss score the held-out images under the model; memorization and FID/KID compare
+    `num_samples` generated images with them (memorization also with `train_reference`, the
+    (dataset, split) the model trained on). With a report path, memorization's picture is
+    written beside the report as `memorization.png`.
+    """
+    unknown = set(metrics) - set(METRICS)
     if unknown or not metrics:
         named = f"unknown metric(s) {', '.join(sorted(unknown))}" if unknown else "no metric named"
-        raise ValueError(f"{named}; choose from fid, kid.")
+        raise ValueError(f"{named}; choose from {', '.join(METRICS)}.")
+    if "memorization" in metrics and train_reference is None:
+        raise ValueError("memorization needs the training images: give --train-reference DATA (and --train-split).")
     started = time.perf_counter()
-    weights = inception_weights_path(inception_weights)
-    weights_sha256 = _checked_weights(weights)
+    fidelity_metrics = [name for name in metrics if name in ("fid", "kid")]
+    weights = inception_weights_path(inception_weights) if fidelity_metrics else None
     resolution = unet.config.sample_size
     references = ReferenceImages(reference, split, image_column, resolution)
-    generated = ImageTensors(
-        sampling.sample(unet, scheduler, num_samples, num_inference_steps, seed, batch_size, progress=True)
-    )
-    cache_name = "-".join(
-        [re.sub(r"[^A-Za-z0-9]+", "_", str(reference)).strip("_")[-80:], split, str(resolution), weights_sha256[:12]]
-    )
-    cache_root = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()).parent / "pets-diffusion" / "fidelity"
-    results = fidelity(
-        generated, references, metrics, weights, cache_root, cache_name, batch_size, unet.device.type == "cuda"
-    )
-    report = {
-        "metrics": results,
-        "protocol": {
+    results, protocol = (
+        {},
+        {
             "model": model_name,
             "reference": reference,
             "reference_split": split,
             "reference_images": len(references),
             "reference_skipped": len(references.skipped),
             "preprocessing": f"shorter side to {resolution}, centre crop {resolution}x{resolution}",
-            "generated_images": len(generated),
-            "sampler": scheduler_name,
-            "steps": num_inference_steps,
             "seed": seed,
-            "feature_extractor": f"inception-v3-compat (torch-fidelity {torch_fidelity.__version__})",
-            "feature_extractor_weights": weights.name,
-            "feature_extractor_weights_sha256": weights_sha256,
-            "kid_subset_size": min(1000, len(generated), len(references)),
-            "wall_time_s": round(time.perf_counter() - started, 1),
         },
-    }
+    )
+    if "nll" in metrics or "loss" in metrics:
+        heldout = references.as_floats(num_images, seed)
+        protocol["heldout_images"] = len(heldout)
+        results |= _score_heldout(unet, scheduler, heldout, metrics, nll_timesteps, seed, batch_size, protocol)
+    if "memorization" in metrics or fidelity_metrics:
+        samples = sampling.sample(unet, scheduler, num_samples, num_inference_steps, seed, batch_size, progress=True)
+        protocol |= {"generated_images": len(samples), "sampler": scheduler_name, "steps": num_inference_steps}
+    if "memorization" in metrics:
+        picture = Path(report_path).with_name("memorization.png") if report_path is not None else None
+        results |= _memorization(samples, references, train_reference, image_column, resolution, picture, protocol)
+    if fidelity_metrics:
+        generated = ImageTensors(samples)
+        results |= _fidelity(generated, references, fidelity_metrics, weights, reference, split, cache_dir, batch_size,
+                             unet.device.type == "cuda", protocol)  # fmt: skip
+    protocol["wall_time_s"] = round(time.perf_counter() - started, 1)
+    report = {"metrics": results, "protocol": protocol}
     if report_path is not None:
         Path(report_path).parent.mkdir(parents=True, exist_ok=True)
         Path(report_path).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _score_heldout(unet, scheduler, heldout, metrics, nll_timesteps, seed, batch_size, protocol) -> dict:
+    """Bits/dim and held-out loss under the model's own DDPM scheduler."""
+    ddpm = DDPMScheduler.from_config(scheduler.config)
+    results = {}
+    if "nll" in metrics:
+        bound = bits_per_dim(unet, ddpm, heldout, nll_timesteps, seed, batch_size, progress=True)
+        results |= {key: bound[key] for key in ("bpd", "bpd_stderr", "prior_bpd", "decoder_bpd", "kl_bpd")}
+        protocol |= {
+            "nll_timesteps": f"{bound['kl_timesteps_evaluated']} of {bound['num_train_timesteps'] - 1} KL terms"
+            + (" (all)" if bound["kl_timesteps_evaluated"] == bound["num_train_timesteps"] - 1 else ", stratified"),
+            "variance_type": bound["variance_type"],
+            "clip_denoised": bound["clip_denoised"],
+        }
+    if "loss" in metrics:
+        loss = heldout_loss(unet, ddpm, heldout, seed=seed, batch_size=batch_size)
+        results |= {"heldout_loss": loss["loss"], "heldout_loss_stderr": loss["loss_stderr"]}
+        protocol["loss_timesteps"] = [int(t) for t in loss["loss_per_timestep"]]
+        protocol["loss_target"] = ddpm.config.prediction_type
+    return results
+
+
+def _memorization(samples, references, train_reference, image_column, resolution, picture_path, protocol) -> dict:
+    """The share of samples nearer a training image than the median held-out image is; the picture of the nearest."""
+    train_source, train_split = train_reference
+    train = ReferenceImages(train_source, train_split, image_column, resolution).as_floats()
+    generated = ImageTensors(samples)
+    sample_floats = torch.stack([generated[index] for index in range(len(generated))]).float() / 127.5 - 1
+    report = memorization(sample_floats, train, references.as_floats())
+    if picture_path is not None:
+        nearest_picture(sample_floats, train, report).save(picture_path)
+        protocol["memorization_picture"] = Path(picture_path).name
+    protocol |= {
+        "train_reference": train_source,
+        "train_split": train_split,
+        "memorization_distance": report["distance"],
+    }
+    return {key: report[key] for key in ("memorization_share", "median_sample_distance", "median_heldout_distance")}
+
+
+def _fidelity(generated, references, metrics, weights, reference, split, cache_dir, batch_size, cuda, protocol):
+    """FID/KID by torch-fidelity, with the reference statistics cached per reference, split, size and weights."""
+    import torch_fidelity
+
+    weights_sha256 = _checked_weights(weights)
+    resolution = references[0].shape[-1]
+    cache_name = "-".join(
+        [re.sub(r"[^A-Za-z0-9]+", "_", str(reference)).strip("_")[-80:], split, str(resolution), weights_sha256[:12]]
+    )
+    cache_root = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()).parent / "pets-diffusion" / "fidelity"
+    protocol |= {
+        "feature_extractor": f"inception-v3-compat (torch-fidelity {torch_fidelity.__version__})",
+        "feature_extractor_weights": weights.name,
+        "feature_extractor_weights_sha256": weights_sha256,
+        "kid_subset_size": min(1000, len(generated), len(references)),
+    }
+    return fidelity(generated, references, metrics, weights, cache_root, cache_name, batch_size, cuda)

@@ -1,6 +1,7 @@
-"""FID/KID through torch-fidelity, with Inception weights the test makes (nothing is downloaded)."""
+"""`evaluate`: offline bits/dim, loss and memorisation; FID/KID with Inception weights the test makes."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -9,10 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from PIL import Image
 from torch import nn
 
 from pets_diffusion import evaluation
 from pets_diffusion.checkpoints import save_pipeline
+from pets_diffusion.likelihood import bits_per_dim
+from pets_diffusion.memorization import memorization
 
 from .helpers import make_image_folder
 
@@ -95,7 +99,7 @@ def test_evaluate_command_writes_a_report_with_its_protocol(image_sets, inceptio
     result = subprocess.run(
         [str(PETS_DIFFUSION), "evaluate", str(tmp_path / "pipe"), "--reference", str(image_sets["a"]),
          "--num-samples", "12", "--steps", "2", "--batch-size", "6", "--inception-weights", str(inception_weights),
-         "--cache-dir", str(tmp_path / "cache")],
+         "--cache-dir", str(tmp_path / "cache"), "--metrics", "fid,kid"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -116,7 +120,8 @@ def test_offline_without_weights_says_what_to_download(image_sets, tiny_unet, tm
     save_pipeline(tiny_unet, DDPMScheduler(num_train_timesteps=50), str(tmp_path / "pipe"))
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "torch-home")}
     result = subprocess.run(
-        [str(PETS_DIFFUSION), "evaluate", str(tmp_path / "pipe"), "--reference", str(image_sets["a"])],
+        [str(PETS_DIFFUSION), "evaluate", str(tmp_path / "pipe"), "--reference", str(image_sets["a"]),
+         "--metrics", "nll,fid"],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert result.returncode == 2
@@ -124,6 +129,7 @@ def test_offline_without_weights_says_what_to_download(image_sets, tiny_unet, tm
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert evaluation.INCEPTION_URL in lines[0] and "--inception-weights" in lines[0]
     assert str(tmp_path / "torch-home" / "hub" / "checkpoints" / evaluation.INCEPTION_FILE) in lines[0]
+    assert not (tmp_path / "pipe" / "evaluation.json").exists()  # refused before the (slow) bits/dim
 
 
 def test_weights_that_are_not_plain_tensors_are_refused(tmp_path):
@@ -135,5 +141,94 @@ def test_weights_that_are_not_plain_tensors_are_refused(tmp_path):
 
 @pytest.mark.parametrize(("metrics", "message"), [(["fid", "is"], "unknown metric(s) is"), ([], "no metric named")])
 def test_unknown_or_no_metrics_are_refused_before_any_work(tiny_unet, metrics, message):
-    with pytest.raises(ValueError, match=re.escape(f"{message}; choose from fid, kid.")):
+    choices = "nll, loss, memorization, fid, kid"
+    with pytest.raises(ValueError, match=re.escape(f"{message}; choose from {choices}.")):
         evaluation.evaluate(tiny_unet, DDPMScheduler(num_train_timesteps=50), "/nonexistent", metrics=metrics)
+
+
+def run_evaluate(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(PETS_DIFFUSION), "evaluate", *args], capture_output=True, text=True, timeout=600, env=env
+    )
+
+
+def test_an_offline_evaluate_scores_bits_per_dim_and_loss_by_default(image_sets, tiny_unet, tmp_path):
+    save_pipeline(tiny_unet, DDPMScheduler(num_train_timesteps=50), str(tmp_path / "pipe"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "no-weights-here")}
+    result = run_evaluate(str(tmp_path / "pipe"), "--reference", str(image_sets["a"]), "--num-images", "10",
+                          "--nll-timesteps", "7", "--batch-size", "4", env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "pipe" / "evaluation.json").read_text())
+    metrics, protocol = report["metrics"], report["protocol"]
+    assert set(metrics) == {"bpd", "bpd_stderr", "prior_bpd", "decoder_bpd", "kl_bpd", "heldout_loss",
+                            "heldout_loss_stderr"}  # fmt: skip
+    assert metrics["bpd"] == pytest.approx(metrics["prior_bpd"] + metrics["decoder_bpd"] + metrics["kl_bpd"])
+    assert 0 < metrics["bpd_stderr"] < metrics["bpd"] and 0 < metrics["heldout_loss_stderr"] < metrics["heldout_loss"]
+    assert protocol["heldout_images"] == 10 and protocol["reference_images"] == 24 and protocol["seed"] == 0
+    assert protocol["nll_timesteps"] == "7 of 49 KL terms, stratified"
+    assert protocol["variance_type"] == "fixed_small" and protocol["clip_denoised"] is True
+    assert protocol["loss_target"] == "epsilon" and len(protocol["loss_timesteps"]) == 10
+    assert f"bpd: {metrics['bpd']:.6g}" in result.stdout
+    again = tmp_path / "again.json"
+    run_evaluate(str(tmp_path / "pipe"), "--reference", str(image_sets["a"]), "--num-images", "10",
+                 "--nll-timesteps", "7", "--batch-size", "4", "--report", str(again), env=env)  # fmt: skip
+    assert json.loads(again.read_text())["metrics"] == metrics  # seeded: the same numbers
+
+
+def test_memorization_finds_a_model_that_copies_its_training_images(image_sets, tiny_unet, tmp_path):
+    """A 'model' whose samples are its training images (the reference set 'a') scores 1; fresh images do not."""
+    train = evaluation.ReferenceImages(str(image_sets["a"]), "train", "image", 16).as_floats()
+    heldout = evaluation.ReferenceImages(str(image_sets["flat"]), "train", "image", 16).as_floats()
+    copied = memorization(train.flip(0), train, heldout)
+    assert copied["memorization_share"] == 1.0 and copied["median_sample_distance"] == 0.0
+
+    save_pipeline(tiny_unet, DDPMScheduler(num_train_timesteps=50), str(tmp_path / "pipe"))
+    result = run_evaluate(str(tmp_path / "pipe"), "--reference", str(image_sets["a_again"]), "--metrics",
+                          "memorization", "--train-reference", str(image_sets["flat"]), "--num-samples", "6",
+                          "--steps", "2", "--batch-size", "6")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "pipe" / "evaluation.json").read_text())
+    assert 0.0 <= report["metrics"]["memorization_share"] <= 1.0
+    assert report["protocol"]["train_reference"] == str(image_sets["flat"])
+    assert report["protocol"]["generated_images"] == 6
+    picture = Image.open(tmp_path / "pipe" / "memorization.png")
+    assert picture.size == (6 * 16, 2 * 16)  # six samples above their nearest training images
+
+
+def _unreadable_images(folder: Path) -> Path:
+    folder.mkdir()
+    for index in range(3):
+        (folder / f"broken_{index}.png").write_bytes(b"not a png")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "missing-folder"),
+        ("unreadable", "no readable images"),
+        ("learned", "learned variance is not supported"),
+        ("no-train-reference", "memorization needs the training images"),
+        ("unknown-metric", "unknown metric(s) bpd"),
+    ],
+)
+def test_bad_input_is_refused_in_one_line_and_nothing_is_written(tiny_unet, image_sets, tmp_path, case, message):
+    variance = "learned_range" if case == "learned" else "fixed_small"
+    save_pipeline(tiny_unet, DDPMScheduler(num_train_timesteps=50, variance_type=variance), str(tmp_path / "pipe"))
+    reference = {
+        "missing": str(tmp_path / "missing-folder"),
+        "unreadable": str(_unreadable_images(tmp_path / "broken")),
+    }.get(case, str(image_sets["a"]))
+    metrics = {"no-train-reference": "memorization", "unknown-metric": "nll,bpd"}.get(case, "nll,loss")
+    result = run_evaluate(
+        str(tmp_path / "pipe"), "--reference", reference, "--metrics", metrics, "--nll-timesteps", "2"
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]  # datasets' progress bars aside
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "pipe" / "evaluation.json").exists()
+
+
+def test_bits_per_dim_refuses_images_of_another_size(tiny_unet):
+    with pytest.raises(ValueError, match="the images are 8x8 but the model takes 16x16"):
+        bits_per_dim(tiny_unet, DDPMScheduler(num_train_timesteps=50), torch.zeros(2, 3, 8, 8))
