@@ -2,17 +2,19 @@
 
 import logging
 import os
+import time
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
 from datasets.exceptions import DatasetNotFoundError
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from .allocator import retain_freed_memory
-from .data import load_image_dataset
+from .data import EpochSampler, TrainingImages, load_image_dataset
 from .options import UsageError, first_line
 from .unet import PetsUNet2DModel
 
@@ -83,6 +85,28 @@ def make_ema(args, model: PetsUNet2DModel) -> EMAModel | None:
     )
 
 
+def make_noise_scheduler(args) -> DDPMScheduler:
+    """The forward process: --ddpm_num_steps, --ddpm_beta_schedule, --prediction_type."""
+    return DDPMScheduler(
+        num_train_timesteps=args.ddpm_num_steps,
+        beta_schedule=args.ddpm_beta_schedule,
+        prediction_type=args.prediction_type,
+    )
+
+
+def make_dataloader(args, dataset: TrainingImages, seed: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """Batches in a seeded order per epoch (EpochSampler); no worker seed draws from the global RNG."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=EpochSampler(len(dataset), seed),
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=args.dataloader_num_workers,
+        persistent_workers=args.dataloader_num_workers > 0,
+        pin_memory=device.type == "cuda",
+    )
+
+
 def make_optimizer(args, model: torch.nn.Module, accelerator: Accelerator, max_train_steps: int):
     """Fused AdamW and the learning-rate schedule (diffusers' `get_scheduler`)."""
     optimizer = torch.optim.AdamW(
@@ -101,3 +125,15 @@ def make_optimizer(args, model: torch.nn.Module, accelerator: Accelerator, max_t
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
     return optimizer, lr_scheduler
+
+
+def time_is_up(accelerator: Accelerator, started: float, budget_s: float, step: int) -> bool:
+    """Whether --max_train_time is spent since `started`; any process's clock stops all, at the same step."""
+    spent = time.perf_counter() - started >= budget_s
+    if not accelerator.reduce(torch.tensor(float(spent), device=accelerator.device), "sum").item():
+        return False
+    logger.info(
+        f"--max_train_time spent ({time.perf_counter() - started:.0f} s) at step {step}: "
+        "saving a checkpoint and the pipeline, then stopping"
+    )
+    return True

@@ -176,3 +176,16 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=generator) + self.epoch * self.size
         return iter(order.tolist())
+
+
+def hold_out(images: Sequence, count: int, seed: int) -> tuple[Sequence, Sequence, list[int]]:
+    """Split off `count` images chosen by `seed`: (the rest, the held-out ones, the held-out indices)."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).tolist()
+    held, kept = sorted(order[:count]), sorted(order[count:])
+    return torch.utils.data.Subset(images, kept), torch.utils.data.Subset(images, held), held
+
+
+def evaluation_tensor(images: Sequence[torch.Tensor], resolution: int) -> torch.Tensor:
+    """Resized uint8 images centre-cropped to `resolution`, as one float tensor in [-1, 1] (no flips)."""
+    transform = augmentation(resolution, center_crop=True, random_flip=False)
+    return torch.stack([transform(images[index]) for index in range(len(images))])

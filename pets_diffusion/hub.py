@@ -153,7 +153,7 @@ def render_model_card(output_dir: str | Path, repo_id: str, export_dir: str | Pa
         mixed_precision=summary.get("mixed_precision", args.get("mixed_precision", "unknown")),
         hardware=_hardware(summary),
         wall_time=_duration(summary.get("wall_time_s")),
-        evaluation=_evaluation(output_dir / "evaluation.json"),
+        evaluation=_evaluation(output_dir / "evaluation.json", summary.get("validation")),
     )
 
 
@@ -197,12 +197,30 @@ def _duration(seconds: float | None) -> str:
     return f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min {rest % 60} s"
 
 
-def _evaluation(report_path: Path) -> str:
-    """A table of FID/KID with the protocol, from `pets-diffusion evaluate`'s report, when there is one."""
-    if not report_path.is_file():
-        return "Not evaluated yet: `pets-diffusion evaluate` writes FID/KID with their protocol."
-    report = json.loads(report_path.read_text())
-    rows = [f"| {name} | {value:.4g} |" for name, value in report.get("metrics", {}).items()]
-    protocol = report.get("protocol", {})
-    described = "; ".join(f"{key}: {value}" for key, value in protocol.items())
-    return "| metric | value |\n|---|---|\n" + "\n".join(rows) + f"\n\nProtocol: {described}."
+def _evaluation(report_path: Path, validation: dict | None) -> str:
+    """The held-out numbers measured during training, and `pets-diffusion evaluate`'s report with its protocol."""
+    parts = []
+    if validation and "bpd" in validation:
+        text = (
+            f"Held out during training ({validation['source']}): **{validation['bpd']:.3f} ± "
+            f"{validation['bpd_stderr']:.3f} bits/dim** (the variational bound of the EMA weights, "
+            f"{validation['bpd_kl_timesteps']} stratified KL terms)"
+        )
+        if "loss" in validation:
+            text += f"; held-out loss {validation['loss']:.4f} ± {validation['loss_stderr']:.4f}"
+        parts.append(text + ".")
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        metrics = report.get("metrics", {})
+        rows = [
+            f"| {name} | {value:.4g}"
+            + (f" ± {metrics[name + '_stderr']:.2g}" if name + "_stderr" in metrics else "")
+            + " |"
+            for name, value in metrics.items()
+            if not name.endswith("_stderr")
+        ]
+        described = "; ".join(f"{key}: {value}" for key, value in report.get("protocol", {}).items())
+        parts.append("| metric | value |\n|---|---|\n" + "\n".join(rows) + f"\n\nProtocol: {described}.")
+    if not parts:
+        return "Not evaluated yet: `pets-diffusion evaluate` writes held-out bits/dim and loss (offline), FID/KID."
+    return "\n\n".join(parts)

@@ -11,3 +11,10 @@ def preferred_memory_format(device: torch.device | str) -> torch.memory_format:
     (H200, eager, bf16 autocast, batch 256: it trains 1.30x and samples 1.29x faster).
     """
     return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
+def chosen_memory_format(channels_last: bool | None, device: torch.device | str) -> torch.memory_format:
+    """--channels_last/--no-channels_last when given, else the device's preferred layout."""
+    if channels_last is None:
+        return preferred_memory_format(device)
+    return torch.channels_last if channels_last else torch.contiguous_format

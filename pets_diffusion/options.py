@@ -5,6 +5,7 @@ import importlib.util
 import inspect
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -75,6 +76,21 @@ def float_range(low: float, high: float = math.inf, open_low: bool = False, open
 positive_float = float_range(0.0, open_low=True)
 
 
+def duration(text: str) -> float:
+    """An argparse type: a wall-clock budget as `90s`, `20m`, `1h30m` or plain minutes; in seconds."""
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text.strip())
+    if re.fullmatch(r"\d+(?:\.\d+)?", text.strip()):
+        seconds = float(text) * 60
+    elif match and any(match.groups()):
+        hours, minutes, secs = (float(part or 0) for part in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    else:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write e.g. 90s, 20m, 1h30m or 45 (minutes)")
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be longer than zero, got {text!r}")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser: the same flags, meanings and defaults as diffusers' unconditional example, plus ours."""
     parser = OneLineParser(
@@ -101,6 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="Flip images horizontally at random (default on; --no-random_flip turns it off).",
     )
     add("--dataloader_num_workers", type=int_range(0), default=0, help="Data-loading worker processes.")
+    # Validation
+    add(
+        "--validation_images",
+        type=int_range(0),
+        default=0,
+        help="Hold out this many training images (chosen by --seed, never trained on) to validate on (default off).",
+    )
+    add(
+        "--validation_dataset",
+        default=None,
+        help="Validate on this dataset's images instead (all, or N with the above).",
+    )
+    add("--validation_steps", type=positive_int, default=500, help="Held-out loss every N steps.")
+    add(
+        "--validation_bpd_timesteps",
+        type=positive_int,
+        default=50,
+        help="KL terms of the held-out bits/dim at each model save (stratified; 1000 = all of them).",
+    )
     # Model and noise
     add(
         "--model_config_name_or_path",
@@ -116,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train_batch_size", type=positive_int, default=16, help="Batch size per device.")
     add("--num_epochs", type=positive_int, default=100)
     add("--max_train_steps", type=positive_int, default=None, help="Total optimiser steps; overrides --num_epochs.")
+    add(
+        "--max_train_time",
+        type=duration,
+        default=None,
+        help="Wall-clock budget for this invocation (90s, 20m, 1h30m or minutes): then checkpoint, save and exit 0.",
+    )
     add("--gradient_accumulation_steps", type=positive_int, default=1)
     add("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
     add("--learning_rate", type=positive_float, default=1e-4)
@@ -204,6 +245,13 @@ def validate_args(args: argparse.Namespace) -> None:
             )
     if args.resume_from_checkpoint and args.overwrite_output_dir:
         raise UsageError("--overwrite_output_dir would delete the checkpoint to resume from; drop one of them.")
+    if args.ddpm_num_inference_steps > args.ddpm_num_steps:
+        raise UsageError(
+            f"--ddpm_num_inference_steps {args.ddpm_num_inference_steps} is more than --ddpm_num_steps "
+            f"{args.ddpm_num_steps}, the timesteps the model trains on; sample in at most {args.ddpm_num_steps}."
+        )
+    if args.validation_dataset is not None:
+        _check_dataset_name(args.validation_dataset, "--validation_dataset")
     if args.push_to_hub and args.hub_model_id is not None and args.hub_model_id.count("/") > 1:
         raise UsageError(f"--hub_model_id {args.hub_model_id} is not a repo id; use owner/name or name.")
 
@@ -221,10 +269,13 @@ def _check_data_source(args: argparse.Namespace) -> None:
         if not Path(args.train_data_dir).is_dir():
             raise UsageError(f"--train_data_dir {args.train_data_dir} is not a folder; give a folder of images.")
         return
-    name = args.dataset_name
+    _check_dataset_name(args.dataset_name, "--dataset_name")
+
+
+def _check_dataset_name(name: str, flag: str) -> None:
     looks_local = name.startswith((".", "/", "~")) or name.endswith(".parquet") or os.path.exists(name)
     if looks_local and not Path(name).expanduser().exists():
-        raise UsageError(f"--dataset_name {name} does not exist; give a dataset folder, a .parquet file or a Hub name.")
+        raise UsageError(f"{flag} {name} does not exist; give a dataset folder, a .parquet file or a Hub name.")
 
 
 def _check_resolution(args: argparse.Namespace) -> None:

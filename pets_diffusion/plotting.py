@@ -22,7 +22,7 @@ def read_scalars(log_dir: str | Path, tag: str = "loss") -> list[tuple[int, floa
 
 
 def plot_loss_curve(log_dir: str | Path, out_path: str | Path, smoothing: int = 50) -> Path:
-    """Draw the training loss (raw and a running mean) from `log_dir`'s events to a PNG."""
+    """Draw the training loss (raw and a running mean), and the held-out loss if logged, from `log_dir` to a PNG."""
     points = read_scalars(log_dir, "loss")
     if not points:
         raise ValueError(f"No 'loss' scalars in TensorBoard events under {log_dir}.")
@@ -33,8 +33,11 @@ def plot_loss_curve(log_dir: str | Path, out_path: str | Path, smoothing: int = 
     figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
     axes.plot(steps, losses, alpha=0.3, linewidth=0.8, label="loss")
     axes.plot(steps, running, linewidth=1.5, label=f"running mean ({window} steps)")
+    validation = read_scalars(log_dir, "validation_loss")
+    if validation:
+        axes.plot(*zip(*validation), marker="o", markersize=3, linewidth=1.5, label="held-out loss (fixed t, noise)")
     axes.set_xlabel("optimiser step")
-    axes.set_ylabel("training loss")
+    axes.set_ylabel("loss")
     axes.set_yscale("log")
     axes.grid(alpha=0.3)
     axes.legend()

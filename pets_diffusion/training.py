@@ -11,17 +11,17 @@ from pathlib import Path
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import is_compiled_module, set_seed
-from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
+from . import components
 from .checkpoints import checkpoint_step, register_model_hooks, resolve_checkpoint, save_checkpoint, save_pipeline
-from .components import load_training_images, log_environment, make_accelerator, make_ema, make_optimizer
-from .data import EpochSampler, TrainingImages, augmentation, prepare_images
-from .layout import preferred_memory_format
+from .data import TrainingImages, augmentation, prepare_images
+from .layout import chosen_memory_format
 from .objective import diffusion_loss
 from .options import UsageError, build_model_config, parse_args, validate_args
 from .reports import EMAWeights, device_name, hparams, push_run, write_sample_grid, write_summary
 from .unet import PetsUNet2DModel
+from .validation import check_held_out_count, split_validation, write_held_out
 
 logger = get_logger(__name__)
 
@@ -58,21 +58,24 @@ class TrainLoop:
     def __init__(self, args):
         self.args = args
         self.started = time.perf_counter()
-        self.accelerator = make_accelerator(args)
-        with self.accelerator.main_process_first():
-            dataset = load_training_images(args)  # first: a missing dataset ends the run before anything is written
-        log_environment(self.accelerator)
+        self.accelerator = components.make_accelerator(args)
+        with self.accelerator.main_process_first():  # first: a missing dataset ends the run before anything is written
+            dataset = components.load_training_images(args)
+        check_held_out_count(args, len(dataset))
+        components.log_environment(self.accelerator)
         if args.seed is not None:
             set_seed(args.seed)
         self.data_seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31, ()).item())
+        images, self.skipped = prepare_images(dataset, args.image_column, args.resolution)
+        images, self.validation = split_validation(args, images, self.data_seed, self.accelerator.device)
         self.prepare_output_dir()
         self.build_model()
-        self.build_data(dataset)
+        self.build_data(images)
         self.build_optimizer()
         if self.accelerator.is_main_process:
             self.accelerator.init_trackers("train_unconditional", config=hparams(args))
         self.global_step, self.first_epoch, self.batches_to_skip, self.resumed_from = 0, 0, 0, None
-        self.steps_this_run, self.images_per_second = 0, 0.0
+        self.steps_this_run, self.images_per_second, self.out_of_time = 0, 0.0, False
         self.accumulated_loss = torch.zeros((), device=self.accelerator.device)
 
     # -- set-up ---------------------------------------------------------------------------------------
@@ -86,44 +89,30 @@ class TrainLoop:
             os.makedirs(args.output_dir, exist_ok=True)
             arguments = {key: value for key, value in vars(args).items() if key != "hub_token"}
             Path(args.output_dir, "training_args.json").write_text(json.dumps(arguments, indent=2) + "\n")
+            if self.validation is not None:
+                write_held_out(args.output_dir, self.validation)
         self.accelerator.wait_for_everyone()
 
     def build_model(self) -> None:
         """The UNet in its memory layout, the noise scheduler, the EMA and its checkpoint hooks."""
-        args, device = self.args, self.accelerator.device
-        model = PetsUNet2DModel.from_config(build_model_config(args))
-        if args.channels_last is None:
-            self.memory_format = preferred_memory_format(device)
-        else:
-            self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        layout = "channels-last" if self.memory_format == torch.channels_last else "contiguous"
-        logger.info(f"Weights and activations {layout}")
-        self.model = model.to(memory_format=self.memory_format)
+        args = self.args
+        self.memory_format = chosen_memory_format(args.channels_last, self.accelerator.device)
+        logger.info(
+            f"Weights and activations {'channels-last' if self.memory_format == torch.channels_last else 'contiguous'}"
+        )
+        self.model = PetsUNet2DModel.from_config(build_model_config(args)).to(memory_format=self.memory_format)
         if args.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
-        self.noise_scheduler = DDPMScheduler(
-            num_train_timesteps=args.ddpm_num_steps,
-            beta_schedule=args.ddpm_beta_schedule,
-            prediction_type=args.prediction_type,
-        )
-        self.ema = make_ema(args, self.model)
+        self.noise_scheduler = components.make_noise_scheduler(args)
+        self.ema = components.make_ema(args, self.model)
         register_model_hooks(self.accelerator, self.ema)
 
-    def build_data(self, dataset) -> None:
-        """Decode the images once and serve them augmented, in a seeded order per epoch."""
+    def build_data(self, images) -> None:
+        """Serve the decoded images augmented, in a seeded order per epoch."""
         args = self.args
-        images, self.skipped = prepare_images(dataset, args.image_column, args.resolution)
         transform = augmentation(args.resolution, args.center_crop, args.random_flip)
         self.dataset = TrainingImages(images, transform, self.data_seed)
-        dataloader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_size=args.train_batch_size,
-            sampler=EpochSampler(len(self.dataset), self.data_seed),
-            generator=torch.Generator().manual_seed(self.data_seed),  # worker seeds never draw from the global RNG
-            num_workers=args.dataloader_num_workers,
-            persistent_workers=args.dataloader_num_workers > 0,
-            pin_memory=self.accelerator.device.type == "cuda",
-        )
+        dataloader = components.make_dataloader(args, self.dataset, self.data_seed, self.accelerator.device)
         self.dataloader = self.accelerator.prepare(dataloader)
         self.steps_per_epoch = math.ceil(len(self.dataloader) / args.gradient_accumulation_steps)
         self.max_train_steps = args.max_train_steps or args.num_epochs * self.steps_per_epoch
@@ -137,7 +126,8 @@ class TrainLoop:
 
     def build_optimizer(self) -> None:
         """AdamW and the learning-rate schedule; Accelerate wraps them with the model (and compiles it)."""
-        optimizer, lr_scheduler = make_optimizer(self.args, self.model, self.accelerator, self.max_train_steps)
+        args, accelerator = self.args, self.accelerator
+        optimizer, lr_scheduler = components.make_optimizer(args, self.model, accelerator, self.max_train_steps)
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.model, optimizer, lr_scheduler)
         if is_compiled_module(self.model):
             logger.info("The UNet runs compiled (torch.compile, inductor); the first steps include compiling it")
@@ -179,11 +169,13 @@ class TrainLoop:
                     if self.finished:
                         break
             self.at_epoch_end(epoch)
+            if self.finished:
+                break
         self.progress.close()
 
     @property
     def finished(self) -> bool:
-        return self.global_step >= self.max_train_steps
+        return self.global_step >= self.max_train_steps or self.out_of_time
 
     def batches(self, epoch: int):
         """The epoch's batches; after a resume, without those the checkpoint had already trained on."""
@@ -235,18 +227,24 @@ class TrainLoop:
     # -- what happens at a step's end and an epoch's end ----------------------------------------------
 
     def at_step_end(self, epoch: int) -> None:
-        """Log the step; checkpoint and sample when their step counts come round."""
+        """Log, validate, checkpoint and sample when their step counts come round, or the time budget is spent."""
         self.log_step(epoch)
         args, step = self.args, self.global_step
-        if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+        if self.validation is not None and step % args.validation_steps == 0:
+            if self.accelerator.is_main_process:  # the trained (non-EMA) weights, as the training loss
+                self.validation.log_loss(self.unwrapped, self.noise_scheduler, self.accelerator, step)
+            self.accelerator.wait_for_everyone()
+        if args.max_train_time is not None:
+            self.out_of_time = components.time_is_up(self.accelerator, self.started, args.max_train_time, step)
+        if (args.checkpointing_steps and step % args.checkpointing_steps == 0) or self.out_of_time:
             self.save_checkpoint()
-        if args.save_images_steps and step % args.save_images_steps == 0:
+        if args.save_images_steps and (step % args.save_images_steps == 0 or self.out_of_time):
             self.save_samples()
 
     def at_epoch_end(self, epoch: int) -> None:
-        """Sample (unless sampling by steps) and save the pipeline when their epoch counts come round."""
+        """Sample (unless sampling by steps) and save the pipeline when their epoch counts come round, or at the end."""
         args = self.args
-        last_epoch = epoch == self.num_epochs - 1
+        last_epoch = epoch == self.num_epochs - 1 or self.out_of_time
         if not args.save_images_steps and (epoch % args.save_images_epochs == 0 or last_epoch):
             self.save_samples()
         if epoch % args.save_model_epochs == 0 or last_epoch:
@@ -267,7 +265,10 @@ class TrainLoop:
             logs["ema_decay"] = self.ema.cur_decay_value
         self.accelerator.log(logs, step=self.global_step)
         self.progress.update(1)
-        self.progress.set_postfix(loss=f"{self.step_loss:.4f}", img_s=f"{self.images_per_second:.1f}", epoch=epoch)
+        postfix = {"loss": f"{self.step_loss:.4f}", "img_s": f"{self.images_per_second:.1f}", "epoch": epoch}
+        if self.validation is not None and "loss" in self.validation.results:
+            postfix["val_loss"] = f"{self.validation.results['loss']:.4f}"
+        self.progress.set_postfix(postfix)
 
     def save_checkpoint(self) -> None:
         args = self.args
@@ -286,6 +287,8 @@ class TrainLoop:
         if self.accelerator.is_main_process:
             with EMAWeights(self.ema, self.unwrapped) as unet:
                 save_pipeline(unet, self.noise_scheduler, self.args.output_dir)
+                if self.validation is not None:
+                    self.validation.log_bits_per_dim(unet, self.noise_scheduler, self.accelerator, self.global_step)
             write_summary(self.args.output_dir, self.describe())
             if self.args.push_to_hub:
                 push_run(self.args, commit_message)
@@ -323,4 +326,6 @@ class TrainLoop:
             "wall_time_s": round(time.perf_counter() - self.started, 1),
             "last_images_per_sec": round(self.images_per_second, 2),
             "parameters": self.unwrapped.num_parameters(),
+            "stopped_by_time_budget": self.out_of_time,
+            **({"validation": dict(self.validation.results)} if self.validation is not None else {}),
         }

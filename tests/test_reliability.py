@@ -221,6 +221,10 @@ def bad_run(tmp_path: Path, *args: str) -> tuple[str, Path]:
     ("args", "expected"),
     [
         (("--resolution", "18"), "--resolution 18 is not a multiple of 4"),
+        (("--validation_dataset", "/nonexistent/held.parquet"), "--validation_dataset /nonexistent/held.parquet does"),
+        (("--ddpm_num_inference_steps", "50"), "--ddpm_num_inference_steps 50 is more than --ddpm_num_steps 20"),
+        (("--max_train_time", "0"), "argument --max_train_time: must be longer than zero, got '0'"),
+        (("--max_train_time", "soon"), "argument --max_train_time: 'soon' is not a duration; write e.g. 90s, 20m"),
         (("--train_data_dir", "/nonexistent/images"), "--train_data_dir /nonexistent/images is not a folder"),
         (("--resume_from_checkpoint", "checkpoint-99"), "--resume_from_checkpoint checkpoint-99 is not a checkpoint"),
         (("--train_batch_size", "0"), "argument --train_batch_size: must be at least 1, got 0"),
@@ -246,6 +250,20 @@ def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, capsys, args, 
         main(full)
     assert exited.value.code == 2
     assert expected in single_error_line(capsys.readouterr().err)
+    assert not output.exists()
+
+
+def test_holding_out_every_image_is_refused_before_anything_is_written(tmp_path, capsys):
+    full, output = bad_arguments(tmp_path, "--validation_images", "2")
+    with pytest.raises(SystemExit) as exited:
+        main(full)
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if "error:" in line]  # after datasets' loading progress bar
+    assert exited.value.code == 2 and "Traceback" not in stderr
+    assert errors == [
+        "train_unconditional.py: error: --validation_images 2 leaves no training images (the dataset has 2); "
+        "hold out fewer."
+    ]
     assert not output.exists()
 
 

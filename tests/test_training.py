@@ -139,3 +139,58 @@ def test_the_model_learns_a_trivial_image_set(tmp_path):
     assert len(losses) == 80
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.5 * first, (first, last)
+
+
+def test_validation_holds_out_images_and_logs_their_loss_and_bits_per_dim(workspace, tmp_path):
+    output = tmp_path / "validated"
+    launch(tiny_training_args(
+        workspace["data"], workspace["config"], output, "--max_train_steps", "4", "--checkpointing_steps", "4",
+        "--save_images_steps", "4", "--validation_images", "4", "--validation_steps", "2",
+        "--validation_bpd_timesteps", "3",
+    ))  # fmt: skip
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["train_images"] == 8  # 12 images, 4 held out and never trained on
+    held_out = json.loads((output / "validation_images.json").read_text())["held_out_indices"]
+    assert len(set(held_out)) == 4 and all(0 <= index < 12 for index in held_out)
+    assert [step for step, _ in read_scalars(output / "logs", "validation_loss")] == [2, 4]
+    bpds = read_scalars(output / "logs", "validation_bpd")  # at each model save: epoch 0 (step 2) and the end
+    validation = summary["validation"]
+    assert [step for step, _ in bpds] == [2, 4]
+    assert bpds[-1][1] == pytest.approx(validation["bpd"], rel=1e-6) and validation["bpd"] > 0
+    assert validation["images"] == 4 and validation["bpd_kl_timesteps"] == 3 and validation["loss"] > 0
+    from pets_diffusion.hub import render_model_card
+
+    assert f"{validation['bpd']:.3f} ± {validation['bpd_stderr']:.3f} bits/dim" in str(render_model_card(output, "a/b"))
+
+
+def test_max_train_time_stops_at_a_step_saves_everything_and_the_run_resumes(workspace, tmp_path):
+    output = tmp_path / "budget"
+    args = ("--checkpointing_steps", "100", "--save_images_steps", "100", "--resume_from_checkpoint", "latest")
+    result = launch(tiny_training_args(
+        workspace["data"], workspace["config"], output, *args, "--max_train_steps", "50", "--max_train_time", "0.01s",
+    ))  # fmt: skip
+    assert "--max_train_time spent" in result.stderr
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["global_step"] == 1 and summary["stopped_by_time_budget"] is True  # set-up alone spends 0.01 s
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert (output / "samples" / "step-0000001.png").is_file()  # the grid it would have drawn at the end
+    assert (output / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    launch(tiny_training_args(workspace["data"], workspace["config"], output, *args, "--max_train_steps", "3"))
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["global_step"] == 3 and summary["steps_this_run"] == 2 and summary["stopped_by_time_budget"] is False
+
+
+def test_two_processes_stop_together_when_the_time_budget_is_spent(workspace, tmp_path):
+    output = tmp_path / "budget-ddp"
+    launch(
+        tiny_training_args(
+            workspace["data"], workspace["config"], output, "--max_train_steps", "50", "--max_train_time", "0.01s",
+            "--checkpointing_steps", "100", "--save_images_steps", "100",
+        ),
+        processes=2,
+    )  # fmt: skip
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 1 and summary["stopped_by_time_budget"]
+    first, second = summary["weight_checksums"]
+    assert first == second
+    assert (output / "checkpoint-1" / "random_states_1.pkl").is_file()

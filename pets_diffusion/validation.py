@@ -1,0 +1,104 @@
+"""Validation during training: held-out images, their loss every few steps and their bits/dim at each save."""
+
+import json
+from pathlib import Path
+
+import torch
+from datasets.exceptions import DatasetNotFoundError
+
+from .data import evaluation_tensor, hold_out, load_image_dataset, prepare_images
+from .likelihood import bits_per_dim, heldout_loss
+from .options import UsageError, first_line
+
+LOSS_TIMESTEPS = 10
+
+
+class Validation:
+    """Held-out images in [-1, 1] and what was last measured on them."""
+
+    def __init__(self, images: torch.Tensor, source: str, bpd_timesteps: int, batch_size: int):
+        self.images, self.source = images, source
+        self.bpd_timesteps, self.batch_size = bpd_timesteps, batch_size
+        self.results: dict = {"images": len(images), "source": source}
+        self.held_out_indices: list[int] | None = None
+
+    @torch.no_grad()
+    def loss(self, model: torch.nn.Module, noise_scheduler) -> float:
+        """The training objective at fixed timesteps and noise (see `likelihood.heldout_loss`)."""
+        result = heldout_loss(model, noise_scheduler, self.images, LOSS_TIMESTEPS, seed=0, batch_size=self.batch_size)
+        self.results |= {"loss": result["loss"], "loss_stderr": result["loss_stderr"]}
+        return result["loss"]
+
+    @torch.no_grad()
+    def bits_per_dim(self, model: torch.nn.Module, noise_scheduler) -> dict:
+        """The variational bound in bits/dim, from `bpd_timesteps` stratified KL terms."""
+        result = bits_per_dim(
+            model, noise_scheduler, self.images, self.bpd_timesteps, seed=0, batch_size=self.batch_size
+        )
+        self.results |= {
+            "bpd": result["bpd"],
+            "bpd_stderr": result["bpd_stderr"],
+            "bpd_kl_timesteps": result["kl_timesteps_evaluated"],
+        }
+        return result
+
+    def log_loss(self, model: torch.nn.Module, noise_scheduler, accelerator, step: int) -> None:
+        """Measure the held-out loss (in eval mode, under the run's autocast) and log it."""
+        model.eval()
+        with accelerator.autocast():
+            loss = self.loss(model, noise_scheduler)
+        model.train()
+        accelerator.log({"validation_loss": loss}, step=step)
+
+    def log_bits_per_dim(self, model: torch.nn.Module, noise_scheduler, accelerator, step: int) -> None:
+        """Measure the held-out bits/dim (in eval mode, under the run's autocast) and log it."""
+        model.eval()
+        with accelerator.autocast():
+            result = self.bits_per_dim(model, noise_scheduler)
+        model.train()
+        accelerator.log({"validation_bpd": result["bpd"], "validation_bpd_stderr": result["bpd_stderr"]}, step=step)
+
+
+def split_validation(args, images, seed: int, device: torch.device):
+    """The training images, and the Validation that --validation_images/--validation_dataset ask for (or None)."""
+    batch_size = args.train_batch_size
+    if args.validation_dataset is not None:
+        held = _validation_dataset_images(args)
+        if args.validation_images:
+            held = held[: args.validation_images]
+        tensor = evaluation_tensor(held, args.resolution).to(device)
+        return images, Validation(tensor, args.validation_dataset, args.validation_bpd_timesteps, batch_size)
+    if not args.validation_images:
+        return images, None
+    check_held_out_count(args, len(images))
+    kept, held, indices = hold_out(images, args.validation_images, seed)
+    source = f"{args.validation_images} images held out of the training data (seed {seed})"
+    tensor = evaluation_tensor(held, args.resolution).to(device)
+    validation = Validation(tensor, source, args.validation_bpd_timesteps, batch_size)
+    validation.held_out_indices = indices
+    return kept, validation
+
+
+def check_held_out_count(args, available: int) -> None:
+    """--validation_images must leave images to train on."""
+    if args.validation_dataset is None and args.validation_images >= available:
+        raise UsageError(
+            f"--validation_images {args.validation_images} leaves no training images (the dataset has {available}); "
+            "hold out fewer."
+        )
+
+
+def write_held_out(output_dir: str, validation: Validation) -> None:
+    """Record which images were held out, so that anyone can evaluate on the same ones."""
+    record = {"source": validation.source, "images": len(validation.images)}
+    if validation.held_out_indices is not None:
+        record["held_out_indices"] = validation.held_out_indices  # among the readable images, in dataset order
+    (Path(output_dir) / "validation_images.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _validation_dataset_images(args) -> list:
+    try:
+        dataset = load_image_dataset(args.validation_dataset, image_column=args.image_column, cache_dir=args.cache_dir)
+        return prepare_images(dataset, args.image_column, args.resolution)[0]
+    except (FileNotFoundError, ConnectionError, DatasetNotFoundError, ValueError) as error:
+        raise UsageError(f"--validation_dataset {args.validation_dataset}: {first_line(error)}") from None
