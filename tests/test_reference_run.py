@@ -1,0 +1,41 @@
+"""benchmarks/reference_run.sh end to end on the CPU, at a toy scale, so that the GPU recipe cannot rot."""
+
+import json
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+from .helpers import ROOT, make_image_folder, write_tiny_config
+
+
+def test_the_reference_run_trains_for_its_budget_then_draws_and_measures(tmp_path):
+    data = make_image_folder(tmp_path / "images", count=16, size=(16, 16))
+    config = write_tiny_config(tmp_path / "tiny.json")
+    out = tmp_path / "reference"
+    env = {**os.environ, "PYTHON": sys.executable, "VALIDATION_IMAGES": "4", "PYTHONUNBUFFERED": "1"}
+    toy = ["--train_data_dir", str(data), "--model_config_name_or_path", str(config), "--resolution", "16",
+           "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "10", "--train_batch_size", "4"]  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "reference_run.sh"), str(data), "5s", str(out), *toy],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "--max_train_time spent" in result.stdout  # stopped by its budget, then saved
+    report = out / "report"
+    assert sorted(path.name for path in report.iterdir()) == [
+        "loss_curve.png", "memorization.png", "reference_summary.json", "samples-ddpm.png",
+        "samples-dpmsolver-25.png", "trajectory.png",
+    ]  # fmt: skip
+    assert Image.open(report / "samples-dpmsolver-25.png").size == (8 * 16, 8 * 16)  # 64 images
+    assert Image.open(report / "samples-ddpm.png").size == (4 * 16, 4 * 16)  # 16 images
+    assert Image.open(report / "memorization.png").size == (8 * 16, 2 * 16)
+    summary = json.loads((report / "reference_summary.json").read_text())
+    assert summary["stopped_by_time_budget"] is True and summary["train_images"] == 12
+    assert summary["bpd_kl_timesteps"] == 19 and summary["heldout_images"] == 4  # every timestep of 20
+    assert summary["bpd"] > 0 and 0 < summary["bpd_stderr"] < summary["bpd"]
+    assert 0 <= summary["memorization_share"] <= 1 and summary["heldout_loss"] > 0
+    assert summary["images_seen"] == summary["optimizer_steps"] * 4 > 0 and summary["images_per_sec_median"] > 0
+    assert "train_unconditional.py" in summary["command"] and "--max_train_time 5s" in summary["command"]
+    assert summary["versions"]["torch"] and summary["device"].startswith("CPU")
