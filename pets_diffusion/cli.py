@@ -1,10 +1,11 @@
-"""The `pets-diffusion` command: sample, evaluate, push and plot-loss."""
+"""The `pets-diffusion` command: sample, evaluate, push, demo and plot-loss."""
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
-from .options import OneLineParser, first_line, positive_int
+from .options import OneLineParser, first_line, int_range, positive_int
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,7 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", default=None, help="Branch to push to (created if missing).")
     push.add_argument("--commit-message", default=None)
     push.add_argument("--token", default=None)
+    push.add_argument("--space", default=None, help="Also create or update this Gradio Space (owner/name) serving it.")
     push.set_defaults(run=run_push)
+
+    demo = commands.add_parser("demo", help="A web page that generates images as you watch (Gradio).")
+    demo.add_argument("model", help="A pipeline folder or a Hub repo id.")
+    demo.add_argument(
+        "--host", default="127.0.0.1", help="Address to serve on (default: %(default)s, this machine only)."
+    )
+    demo.add_argument("--port", type=int_range(1, 65535), default=7860)
+    demo.add_argument("--share", action="store_true", help="Also open a public gradio.live link (off by default).")
+    demo.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    demo.add_argument("--max-queue", type=positive_int, default=8, help="Users who may wait for their turn.")
+    demo.set_defaults(run=run_demo)
 
     plot = commands.add_parser("plot-loss", help="Redraw a run's loss curve from its TensorBoard events.")
     plot.add_argument("run_dir", type=Path)
@@ -128,11 +142,32 @@ def run_evaluate(args) -> None:
     print(f"wrote {report_path}")
 
 
-def run_push(args) -> None:
-    from .hub import push_to_hub
+def run_demo(args) -> None:
+    try:
+        from . import demo
+    except ImportError as error:
+        raise ValueError(f"the demo needs Gradio ({error}): pip install 'pets-diffusion[demo]'") from None
 
+    unet, folder = _load_unet(args.model, args.device, args.dtype)
+    config = sampling_scheduler_config(folder)
+    page = demo.build_demo(unet, config, f"pets-diffusion: {Path(args.model).name}", demo.card_facts(folder, unet))
+    demo.launch(page, args.host, args.port, args.share, args.max_queue)
+
+
+def run_push(args) -> None:
+    from .hub import check_repo_id, push_to_hub
+
+    if args.space is not None:  # before anything is pushed
+        check_repo_id(args.space)
+        if importlib.util.find_spec("gradio") is None:
+            raise ValueError("--space needs Gradio: pip install 'pets-diffusion[demo]'")
     url = push_to_hub(args.output_dir, args.repo_id, args.private, args.revision, args.commit_message, args.token)
     print(f"pushed {args.output_dir} to {url}")
+    if args.space is not None:
+        from .hub import push_space
+
+        url = push_space(args.space, args.repo_id, args.private, args.token)
+        print(f"pushed the Space {args.space}, serving {args.repo_id}: {url}")
 
 
 def run_plot_loss(args) -> None:
@@ -145,22 +180,38 @@ def run_plot_loss(args) -> None:
 
 def _load_sampler(args):
     """The UNet (on --device, in --dtype), the --scheduler built from the model's config, and the step count."""
-    import torch
-    from diffusers import DDPMScheduler
-
     from . import sampling
+
+    unet, folder = _load_unet(args.model, args.device, args.dtype)
+    config = sampling_scheduler_config(folder)
+    most = sampling.max_steps(args.scheduler, config["num_train_timesteps"])
+    steps = args.steps or min(sampling.DEFAULT_STEPS[args.scheduler], most)
+    if steps > most:
+        raise ValueError(f"--steps {steps}: {args.scheduler} takes at most {most} steps with this model; use fewer.")
+    return unet, sampling.make_scheduler(args.scheduler, config), steps
+
+
+def _load_unet(model: str, device: str | None, dtype: str):
+    """The UNet of a pipeline folder or Hub repo, on `device` in `dtype` and its faster layout; and the folder."""
+    import torch
+
     from .allocator import retain_freed_memory
     from .layout import preferred_memory_format
     from .unet import PetsUNet2DModel
 
-    folder = _model_folder(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    unet = PetsUNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=getattr(torch, args.dtype))
+    folder = _model_folder(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    unet = PetsUNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=getattr(torch, dtype))
     unet = unet.to(device, memory_format=preferred_memory_format(device)).eval()
     if unet.device.type == "cpu":
         retain_freed_memory()
-    scheduler = sampling.make_scheduler(args.scheduler, DDPMScheduler.load_config(folder, subfolder="scheduler"))
-    return unet, scheduler, args.steps or sampling.DEFAULT_STEPS[args.scheduler]
+    return unet, folder
+
+
+def sampling_scheduler_config(folder: str) -> dict:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.load_config(folder, subfolder="scheduler")
 
 
 def _model_folder(model: str) -> str:

@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData, SpaceCard, SpaceCardData
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
@@ -67,30 +67,93 @@ def push_to_hub(
     token: str | None = None,
 ) -> str:
     """Export `output_dir` and upload it to `repo_id` in one commit; return the commit URL."""
+    check_repo_id(repo_id)
+    with tempfile.TemporaryDirectory(prefix="pets-diffusion-hub-") as staging:
+        export_for_hub(output_dir, staging, repo_id)
+        message = commit_message or "Upload pets-diffusion DDPM pipeline"
+        return _commit_folder(HfApi(token=token), repo_id, staging, "model", private, revision, message)
+
+
+def export_space(model_repo_id: str, export_dir: str | Path) -> Path:
+    """Write a Gradio Space that serves `model_repo_id`: app.py, requirements.txt and its README metadata."""
+    import gradio
+
+    from . import __version__
+
+    export_dir = Path(export_dir)
+    (export_dir / "app.py").write_text(SPACE_APP.format(model=model_repo_id))
+    (export_dir / "requirements.txt").write_text(f"pets-diffusion[demo]=={__version__}\ngradio=={gradio.__version__}\n")
+    card_data = SpaceCardData(
+        title=f"pets-diffusion: {model_repo_id.split('/')[-1]}"[:60],
+        sdk="gradio",
+        sdk_version=gradio.__version__,
+        app_file="app.py",
+        models=[model_repo_id],
+        license="cc-by-sa-4.0",
+        emoji="🐾",
+        short_description="Cats and dogs from an unconditional DDPM",
+    )
+    card = SpaceCard(f"---\n{card_data.to_yaml()}\n---\n\n{SPACE_README}")
+    card.save(export_dir / "README.md")
+    return export_dir
+
+
+def push_space(space_id: str, model_repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Create or update the Gradio Space `space_id` serving `model_repo_id`; return the commit URL."""
+    check_repo_id(space_id)
+    with tempfile.TemporaryDirectory(prefix="pets-diffusion-space-") as staging:
+        export_space(model_repo_id, staging)
+        message = f"Serve {model_repo_id} with pets-diffusion's demo"
+        return _commit_folder(HfApi(token=token), space_id, staging, "space", private, None, message)
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A full `owner/name` id, or a HubError naming the problem."""
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise HubError(f"{repo_id!r} is not a valid repo id ({error}); use owner/name.") from None
     if "/" not in repo_id:
         raise HubError(f"{repo_id!r} is not a full repo id; use owner/name (e.g. your user name/{repo_id}).")
-    api = HfApi(token=token)
-    with tempfile.TemporaryDirectory(prefix="pets-diffusion-hub-") as staging:
-        export_for_hub(output_dir, staging, repo_id)
-        try:
-            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            if revision is not None:
-                api.create_branch(repo_id, branch=revision, exist_ok=True)
-            commit = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=staging,
-                revision=revision,
-                commit_message=commit_message or "Upload pets-diffusion DDPM pipeline",
-            )
-        except HfHubHTTPError as error:
-            raise HubError(_explain(error, repo_id)) from None
-        except OSError as error:  # connection refused, DNS, TLS: no commit was made
-            raise HubError(f"could not reach the Hub ({error}); check the network or HF_ENDPOINT.") from None
+
+
+def _commit_folder(api: HfApi, repo_id, folder, repo_type, private, revision, message) -> str:
+    """Create the repo if needed and upload `folder` as one commit; HTTP and network failures as HubError."""
+    try:
+        space_sdk = "gradio" if repo_type == "space" else None
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, space_sdk=space_sdk)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, repo_type=repo_type, revision=revision, commit_message=message
+        )
+    except HfHubHTTPError as error:
+        raise HubError(_explain(error, repo_id)) from None
+    except OSError as error:  # connection refused, DNS, TLS: no commit was made
+        raise HubError(f"could not reach the Hub ({error}); check the network or HF_ENDPOINT.") from None
     return commit.commit_url
+
+
+SPACE_APP = '''"""A Gradio Space for {model}: pets from an unconditional DDPM (pets-diffusion)."""
+
+import torch
+from diffusers import DDPMPipeline
+
+from pets_diffusion.demo import build_demo, card_facts, launch
+
+MODEL = "{model}"
+pipeline = DDPMPipeline.from_pretrained(MODEL, trust_remote_code=True)  # the UNet's code ships with the model
+unet = pipeline.unet.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+demo = build_demo(unet, pipeline.scheduler.config, f"pets-diffusion: {{MODEL}}", card_facts(None, unet))
+launch(demo, host=None, port=None, share=False, max_queue=16)  # Gradio's own defaults, which Spaces set
+'''
+
+SPACE_README = """# pets-diffusion demo
+
+Press **Generate** to watch an unconditional DDPM turn noise into cats and dogs. The model card of
+the model this Space serves says how it was trained and how well it does. The same seed, scheduler
+and steps give the same images as `pets-diffusion sample MODEL --seed SEED` (up to 16 images).
+"""
 
 
 def _explain(error: HfHubHTTPError, repo_id: str) -> str:

@@ -1,7 +1,7 @@
 """Sampling: schedulers by name, `sample()`, image grids and the denoising trajectory."""
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -28,6 +28,29 @@ def make_scheduler(name: str, config) -> DDPMScheduler | DDIMScheduler | DPMSolv
     return SCHEDULERS[name].from_config(config)
 
 
+def max_steps(name: str, num_train_timesteps: int) -> int:
+    """The most sampling steps a scheduler takes over `num_train_timesteps` (DPM-Solver++ fails at all of them)."""
+    return num_train_timesteps - 1 if name == "dpmsolver" else num_train_timesteps
+
+
+def reverse_process(
+    unet: torch.nn.Module,
+    scheduler,
+    noise: torch.Tensor,
+    num_inference_steps: int,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Run the reverse process from `noise`, yielding (index, timestep, x_t, model output, next sample) each step."""
+    scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    sample = noise * scheduler.init_noise_sigma
+    for index, timestep in enumerate(tqdm(scheduler.timesteps, disable=not progress, leave=False)):
+        model_output = unet(scheduler.scale_model_input(sample, timestep), timestep).sample
+        previous = scheduler.step(model_output, timestep, sample, generator=generator).prev_sample
+        yield index, timestep, sample, model_output, previous
+        sample = previous
+
+
 def denoise(
     unet: torch.nn.Module,
     scheduler,
@@ -41,13 +64,12 @@ def denoise(
 
     `on_step(index, timestep, x_t, model_output)` is called at every step (for trajectories).
     """
-    scheduler.set_timesteps(num_inference_steps, device=noise.device)
-    sample = noise * scheduler.init_noise_sigma
-    for index, timestep in enumerate(tqdm(scheduler.timesteps, disable=not progress, leave=False)):
-        model_output = unet(scheduler.scale_model_input(sample, timestep), timestep).sample
+    sample = noise
+    steps = reverse_process(unet, scheduler, noise, num_inference_steps, generator, progress)
+    for index, timestep, sample_t, model_output, previous in steps:
         if on_step is not None:
-            on_step(index, timestep, sample, model_output)
-        sample = scheduler.step(model_output, timestep, sample, generator=generator).prev_sample
+            on_step(index, timestep, sample_t, model_output)
+        sample = previous
     return sample
 
 

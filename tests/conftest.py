@@ -12,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # the demo tests: no calls home
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -25,13 +25,15 @@ class Repo:
     branch_heads: dict[str, str] = field(default_factory=lambda: {"main": "0" * 40})
     snapshots: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit oid -> files
     lfs_paths: set[str] = field(default_factory=set)
+    sdk: str | None = None  # a Space's SDK (gradio, docker, static)
 
 
 class HubState:
     """The server's repos and LFS store, plus the failures it is told to make."""
 
     def __init__(self):
-        self.repos: dict[str, Repo] = {}
+        self.repos: dict[str, Repo] = {}  # model repos
+        self.spaces: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
         self.refuse: dict[str, int] = {}  # call name ("create", "commit", "lfs", "whoami", ...) -> status
         self.calls: list[str] = []
@@ -109,16 +111,18 @@ class HubHandler(BaseHTTPRequestHandler):
             ("GET", r"/api/whoami-v2", self.whoami),
             ("POST", r"/api/repos/create", self.create_repo),
             ("POST", r"/api/validate-yaml", self.validate_yaml),
-            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>.+)", self.preupload),
-            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<rev>.+)", self.create_branch),
-            ("POST", r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", self.lfs_batch),
+            ("POST", r"/api/(?P<kind>models|spaces)/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>.+)", self.preupload),
+            ("POST", r"/api/(?P<kind>models|spaces)/(?P<repo>[^/]+/[^/]+)/branch/(?P<rev>.+)", self.create_branch),
+            ("POST", r"/(?:(?P<kind>spaces)/)?(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", self.lfs_batch),
             ("PUT", r"/lfs-upload/(?P<oid>[0-9a-f]{64})", self.lfs_upload),
-            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>.+)", self.commit),
-            ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?", self.tree),
-            ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>.+))?", self.repo_info),
-            ("GET", r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self.resolve),
-            ("HEAD", r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self.resolve),
-        ]
+            ("POST", r"/api/(?P<kind>models|spaces)/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>.+)", self.commit),
+            ("GET", r"/api/(?P<kind>models|spaces)/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?",
+             self.tree),
+            ("GET", r"/api/(?P<kind>models|spaces)/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>.+))?", self.repo_info),
+            ("GET", r"/(?:(?P<kind>spaces)/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self.resolve),
+            ("HEAD", r"/(?:(?P<kind>spaces)/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)",
+             self.resolve),
+        ]  # fmt: skip
         for route_method, pattern, handler in routes:
             match = re.fullmatch(pattern, path)
             if route_method == method and match:
@@ -126,8 +130,9 @@ class HubHandler(BaseHTTPRequestHandler):
                     return handler(body=body, head=method == "HEAD", **match.groupdict())
         self._error(404, f"no route for {method} {path}")
 
-    def _repo(self, repo: str, head: bool = False) -> Repo | None:
-        found = self.server.state.repos.get(repo)
+    def _repo(self, repo: str, head: bool = False, kind: str | None = "models") -> Repo | None:
+        store = self.server.state.spaces if kind == "spaces" else self.server.state.repos
+        found = store.get(repo)
         if found is None:
             self._error(404, f"Repository {repo} not found", "RepoNotFound", head=head)
         return found
@@ -150,18 +155,24 @@ class HubHandler(BaseHTTPRequestHandler):
             return
         request = json.loads(body)
         repo_id = f"{request.get('organization') or 'tester'}/{request['name']}"
-        url = f"{self.server.endpoint}/{repo_id}"
-        if repo_id in self.server.state.repos:
-            return self._json(409, {"error": "You already created this model repo", "url": url})
+        space = request.get("type") == "space"
+        if space and request.get("sdk") not in ("gradio", "docker", "static"):
+            return self._error(400, "A Space needs an sdk: gradio, docker or static")
+        store = self.server.state.spaces if space else self.server.state.repos
+        url = f"{self.server.endpoint}/{'spaces/' if space else ''}{repo_id}"
+        if repo_id in store:
+            return self._json(
+                409, {"error": f"You already created this {'space' if space else 'model'} repo", "url": url}
+            )
         private = bool(request.get("private")) or request.get("visibility") == "private"
-        self.server.state.repos[repo_id] = Repo(private=private)
+        store[repo_id] = Repo(private=private, sdk=request.get("sdk") if space else None)
         self._json(200, {"url": url, "name": repo_id})
 
     def validate_yaml(self, body, head):
         self._json(200, {"errors": [], "warnings": []})
 
-    def create_branch(self, body, head, repo, rev):
-        found = self._repo(repo)
+    def create_branch(self, body, head, repo, rev, kind="models"):
+        found = self._repo(repo, kind=kind)
         if found is None or self._refused("branch"):
             return
         if rev in found.branches:
@@ -170,8 +181,8 @@ class HubHandler(BaseHTTPRequestHandler):
         found.branch_heads[rev] = found.branch_heads["main"]
         self._json(200, {})
 
-    def preupload(self, body, head, repo, rev):
-        if self._repo(repo) is None or self._refused("preupload"):
+    def preupload(self, body, head, repo, rev, kind="models"):
+        if self._repo(repo, kind=kind) is None or self._refused("preupload"):
             return
         files = json.loads(body)["files"]
         modes = [
@@ -181,8 +192,8 @@ class HubHandler(BaseHTTPRequestHandler):
         ]  # fmt: skip
         self._json(200, {"files": modes})
 
-    def lfs_batch(self, body, head, repo):
-        if self._repo(repo) is None or self._refused("lfs"):
+    def lfs_batch(self, body, head, repo, kind=None):
+        if self._repo(repo, kind=kind) is None or self._refused("lfs"):
             return
         objects = []
         for item in json.loads(body)["objects"]:
@@ -201,8 +212,8 @@ class HubHandler(BaseHTTPRequestHandler):
         self.server.state.lfs_objects[oid] = body
         self._send(200)
 
-    def commit(self, body, head, repo, rev):
-        found = self._repo(repo)
+    def commit(self, body, head, repo, rev, kind="models"):
+        found = self._repo(repo, kind=kind)
         if found is None or self._refused("commit"):
             return
         if rev not in found.branches:
@@ -235,10 +246,11 @@ class HubHandler(BaseHTTPRequestHandler):
         found.snapshots[oid] = files
         found.commits.append(oid)
         found.lfs_paths |= lfs_paths
-        self._json(200, {"commitUrl": f"{self.server.endpoint}/{repo}/commit/{oid}", "commitOid": oid})
+        prefix = "spaces/" if kind == "spaces" else ""
+        self._json(200, {"commitUrl": f"{self.server.endpoint}/{prefix}{repo}/commit/{oid}", "commitOid": oid})
 
-    def repo_info(self, body, head, repo, rev=None):
-        found = self._repo(repo)
+    def repo_info(self, body, head, repo, rev=None, kind="models"):
+        found = self._repo(repo, kind=kind)
         if found is None or self._refused("info"):
             return
         at = self._files_at(found, rev or "main")
@@ -249,8 +261,8 @@ class HubHandler(BaseHTTPRequestHandler):
         self._json(200, {"id": repo, "modelId": repo, "sha": sha, "private": found.private, "siblings": siblings,
                          "tags": [], "downloads": 0, "likes": 0, "library_name": "diffusers"})  # fmt: skip
 
-    def tree(self, body, head, repo, rev, sub=None):
-        found = self._repo(repo)
+    def tree(self, body, head, repo, rev, sub=None, kind="models"):
+        found = self._repo(repo, kind=kind)
         if found is None:
             return
         at = self._files_at(found, rev)
@@ -272,8 +284,8 @@ class HubHandler(BaseHTTPRequestHandler):
                     if folder.startswith(prefix)]  # fmt: skip
         self._json(200, entries)
 
-    def resolve(self, body, head, repo, rev, file):
-        found = self._repo(repo, head=head)
+    def resolve(self, body, head, repo, rev, file, kind=None):
+        found = self._repo(repo, head=head, kind=kind)
         if found is None or self._refused("download", head=head):
             return
         at = self._files_at(found, rev)

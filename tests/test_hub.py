@@ -4,9 +4,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -282,3 +285,53 @@ def test_training_pushes_at_each_model_save(hub, tmp_path):
     card = repo.branches["main"]["README.md"].decode()
     assert "8 images" in card and "CPU (" in card
     assert json.loads(repo.branches["main"]["model_index.json"])["unet"] == ["pets_unet", "PetsUNet2DModel"]
+
+
+def test_push_with_space_makes_a_gradio_space_whose_app_serves_the_model(hub, training_output, tmp_path):
+    pytest.importorskip("gradio", reason="the demo extra (Gradio) is not installed")
+    result = push(hub, tmp_path, training_output, "tester/pets-for-space", "--space", "tester/pets-demo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pushed the Space tester/pets-demo, serving tester/pets-for-space" in result.stdout
+    space = hub.state.spaces["tester/pets-demo"]
+    assert space.sdk == "gradio" and "tester/pets-demo" not in hub.state.repos
+    files = space.branches["main"]
+    assert set(files) == {"app.py", "requirements.txt", "README.md"}
+    metadata = yaml.safe_load(files["README.md"].decode().split("---")[1])
+    import gradio
+
+    assert metadata["sdk"] == "gradio" and metadata["sdk_version"] == gradio.__version__
+    assert metadata["app_file"] == "app.py" and metadata["models"] == ["tester/pets-for-space"]
+    assert "pets-diffusion[demo]==" in files["requirements.txt"].decode()
+    assert 'MODEL = "tester/pets-for-space"' in files["app.py"].decode()
+    assert "trust_remote_code=True" in files["app.py"].decode()
+
+    # The Space's app, run as the Space would run it: it loads the pushed model through its remote code.
+    (tmp_path / "space").mkdir()
+    (tmp_path / "space" / "app.py").write_bytes(files["app.py"])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**hub_env(hub, tmp_path), "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    app = subprocess.Popen([sys.executable, "app.py"], cwd=tmp_path / "space", env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        page = None
+        for _ in range(240):
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
+                break
+            except OSError:
+                assert app.poll() is None, app.stdout.read()[-3000:]
+                time.sleep(0.5)
+        assert page is not None and "pets-diffusion: tester/pets-for-space" in page
+    finally:
+        app.kill()
+        app.wait()
+
+
+def test_a_space_id_that_is_not_a_repo_id_is_refused(hub, training_output, tmp_path):
+    pytest.importorskip("gradio", reason="the demo extra (Gradio) is not installed")
+    result = push(hub, tmp_path, training_output, "tester/pets-ok", "--space", "not a space")
+    assert result.returncode != 0 and "'not a space' is not a valid repo id" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "not a space" not in hub.state.spaces
+    assert "tester/pets-ok" not in hub.state.repos  # refused before the model was pushed
