@@ -134,9 +134,9 @@ class Precision:
 class TrainStep:
     """One AdamW training step on a batch (the model's own forward, MSE loss, backward, update)."""
 
-    def __init__(self, model, batch, precision: Precision, compile_model, memory_format):
+    def __init__(self, model, batch, precision: Precision, compile_model: str | None, memory_format):
         self.model, self.precision = model.train(), precision
-        self.forward = torch.compile(model) if compile_model else model
+        self.forward = torch.compile(model, mode=compile_model) if compile_model else model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         self.x = random_images(model, batch, precision.device, precision.weights, memory_format)
         self.t = torch.randint(0, 1000, (batch,), device=precision.device)
@@ -154,9 +154,9 @@ class TrainStep:
 class Inference:
     """One denoising step on a batch, without gradients (the timestep a 0-dim tensor, as DDPMPipeline gives it)."""
 
-    def __init__(self, model, batch, precision: Precision, compile_model, memory_format):
+    def __init__(self, model, batch, precision: Precision, compile_model: str | None, memory_format):
         self.model, self.precision = model.eval(), precision
-        self.forward = torch.compile(model) if compile_model else model
+        self.forward = torch.compile(model, mode=compile_model) if compile_model else model
         self.x = random_images(model, batch, precision.device, precision.weights, memory_format)
         self.t = torch.tensor(500, device=precision.device)
 
@@ -279,6 +279,8 @@ def main() -> None:
     parser.add_argument("--twin-layout", default="best", choices=["best", *LAYOUTS],
                         help="best (default): time the twin in both layouts and compare with the faster one "
                              "for each workload (under --compile both compile: name one to save time).")  # fmt: skip
+    parser.add_argument("--results", type=Path, default=None,
+                        help="Append the run's figures as one JSON line (stable keys) to this file.")  # fmt: skip
     parser.add_argument("--malloc", default="retain", choices=["retain", "default"],
                         help="retain: glibc keeps freed memory, as pets-diffusion's CPU training and "
                              "sampling set it (both models gain); default: glibc's own settings.")  # fmt: skip
@@ -320,7 +322,8 @@ def main() -> None:
     ours.disable_gradient_checkpointing()
 
     progress("training steps")
-    train = {name: TrainStep(m, args.train_batch, precision, args.compile, f) for name, (m, f) in contestants.items()}
+    mode = compile_mode(args)
+    train = {name: TrainStep(m, args.train_batch, precision, mode, f) for name, (m, f) in contestants.items()}
     seconds, first_call = alternate(train, device, args.warmup, args.runs)
     for name, timed in best_of_twin(seconds).items():
         rows[name]["train layout"] = layout_of(timed, ours_layout)
@@ -336,7 +339,7 @@ def main() -> None:
             )
     del train
     progress("inference steps")
-    infer = {name: Inference(m, args.infer_batch, precision, args.compile, f) for name, (m, f) in contestants.items()}
+    infer = {name: Inference(m, args.infer_batch, precision, mode, f) for name, (m, f) in contestants.items()}
     seconds, first_call = alternate(infer, device, args.warmup, args.runs)
     for name, timed in best_of_twin(seconds).items():
         rows[name]["inference layout"] = layout_of(timed, ours_layout)
@@ -356,7 +359,8 @@ def main() -> None:
         torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     )
     print(f"# {hardware}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, device {device}, "
-          f"{args.dtype}{' autocast' if args.autocast else ''}, compile={args.compile}, "
+          f"{args.dtype}{' autocast' if args.autocast else ''}, compile={mode}, "
+          f"cudnn.benchmark={args.cudnn_benchmark}, "
           f"train batch {args.train_batch}, inference batch {args.infer_batch}, median of {args.runs}, "
           f"ours {args.ours_layout}, twin {args.twin_layout} of {'/'.join(twin_layouts)}, AdamW fused, "
           f"malloc {args.malloc}")  # fmt: skip
@@ -376,6 +380,45 @@ def main() -> None:
         print(f"| {metric} | {cell.format(a)} | {cell.format(b)} | {ratio} |")
     print(f"| activation MB with gradient checkpointing (ours) | {checkpointed:.2f} | | "
           f"{checkpointed / rows[OURS]['activation MB (saved for bwd, train batch)']:.2f} of plain |")  # fmt: skip
+    if args.results is not None:
+        append_result(args.results, result_record(hardware, args, mode, rows, peak))
+
+
+def result_record(hardware: str, args: argparse.Namespace, mode: str | None, rows: dict, peak: float) -> dict:
+    """One benchmark run under the stable keys of results.jsonl (README: "results.jsonl")."""
+    import diffusers
+
+    memory = "train peak MB" if "train peak MB" in rows[OURS] else "train peak resident MB added (own process)"
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "device_name": hardware,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "command": "python " + " ".join(sys.argv),
+        "batch": args.train_batch,
+        "infer_batch": args.infer_batch,
+        "dtype": args.dtype + (" autocast" if args.autocast else ""),
+        "compile": mode,
+        "cudnn_benchmark": args.cudnn_benchmark,
+        "train_images_per_s": rows[OURS]["train images/s"],
+        "twin_train_images_per_s": rows[TWIN]["train images/s"],
+        "infer_images_steps_per_s": rows[OURS]["inference images*steps/s"],
+        "twin_infer_images_steps_per_s": rows[TWIN]["inference images*steps/s"],
+        "peak_memory_mb": rows[OURS][memory],
+        "twin_peak_memory_mb": rows[TWIN][memory],
+        "peak_memory_kind": "cuda max allocated" if memory == "train peak MB" else "cpu resident added",
+        "train_percent_of_matmul_peak": rows[OURS]["train % of matmul peak"],
+        "matmul_peak_tflops": peak / 1e12,
+    }
+
+
+def append_result(path: Path, record: dict) -> None:
+    """Append `record` as one JSON line."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as results:
+        results.write(json.dumps(record) + "\n")
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser, compile_help: str) -> None:
@@ -386,6 +429,20 @@ def add_workload_arguments(parser: argparse.ArgumentParser, compile_help: str) -
                         help="Keep fp32 weights and run under torch.autocast(--dtype), as "
                              "train_unconditional.py --mixed_precision does.")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help=compile_help)
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile's mode under --compile (reduce-overhead and max-autotune add CUDA graphs).",
+    )
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="Set torch.backends.cudnn.benchmark (cuDNN times its algorithms first).")  # fmt: skip
+
+
+def compile_mode(args: argparse.Namespace) -> str | None:
+    """torch.compile's mode for the workloads, or None to run eager; also applies --cudnn-benchmark."""
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    return args.compile_mode if args.compile else None
 
 
 def chosen_layout(choice: str, device: torch.device) -> torch.memory_format:

@@ -21,6 +21,7 @@ from bench_unet import (
     TrainStep,
     add_workload_arguments,
     chosen_layout,
+    compile_mode,
     layout_name,
     on_device,
     progress,
@@ -51,7 +52,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = on_device(PetsUNet2DModel(), device, precision.weights).to(memory_format=layout)
-    workload = (Inference if args.inference else TrainStep)(model, batch, precision, args.compile, layout)
+    mode = compile_mode(args)
+    workload = (Inference if args.inference else TrainStep)(model, batch, precision, mode, layout)
     progress("warm-up")
     for _ in range(args.warmup):
         workload()
@@ -64,7 +66,8 @@ def main() -> None:
         sync(device)
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"# PetsUNet2DModel, {'inference' if args.inference else 'training'} step, batch {batch}, "
-          f"{args.dtype}{' autocast' if args.autocast else ''}, compile={args.compile}, {args.layout} layout "
+          f"{args.dtype}{' autocast' if args.autocast else ''}, compile={mode}, "
+          f"cudnn.benchmark={args.cudnn_benchmark}, {args.layout} layout "
           f"({layout_name(layout)}), {args.steps} steps, "
           f"device {device}, torch {torch.__version__}")  # fmt: skip
     print(profiler.key_averages().table(sort_by=sort_by, row_limit=args.rows, max_name_column_width=60))

@@ -11,6 +11,7 @@
 # than 100 GB, else 128 (256 peaked at 109 GB); on a CPU: fp32, eager, batch 8. MIXED_PRECISION,
 # COMPILE=0/1, BATCH, VALIDATION_IMAGES and PYTHON override; flags after OUT override the recipe's.
 set -euo pipefail
+THREADS=()
 if [[ $# -lt 3 ]]; then
     echo "usage: bash benchmarks/reference_run.sh DATA BUDGET OUT [train_unconditional.py flags]" >&2
     exit 2
@@ -24,6 +25,7 @@ if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
     MIXED_PRECISION=${MIXED_PRECISION:-bf16} COMPILE=${COMPILE:-1} WORKERS=8 DEVICE=gpu
 else
     BATCH=${BATCH:-8} MIXED_PRECISION=${MIXED_PRECISION:-no} COMPILE=${COMPILE:-0} WORKERS=0 DEVICE=cpu
+    THREADS=(--num_cpu_threads_per_process "$(nproc)")  # accelerate runs a CPU process on one thread otherwise
 fi
 mkdir -p "$OUT"
 training=(
@@ -37,7 +39,7 @@ training=(
 )
 [[ $COMPILE == 1 ]] && training+=(--use_torch_compile)
 PYTHON=${PYTHON:-python3}
-command=("$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_machines 1
+command=("$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_machines 1 "${THREADS[@]}"
     --mixed_precision "$MIXED_PRECISION" --dynamo_backend no
     "$ROOT/train_unconditional.py" "${training[@]}" "$@")
 echo "reference run on $DEVICE, batch $BATCH, $MIXED_PRECISION, budget $BUDGET: ${command[*]}"

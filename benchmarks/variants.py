@@ -21,6 +21,7 @@ from bench_unet import (
     TrainStep,
     add_workload_arguments,
     alternate,
+    compile_mode,
     on_device,
     progress,
     twin_of,
@@ -79,18 +80,20 @@ def main() -> None:
     variants = build_variants(args.variants, device, precision.weights)
 
     progress("training steps")
-    train = {name: TrainStep(m, args.train_batch, precision, args.compile, f) for name, (m, f) in variants.items()}
+    mode = compile_mode(args)
+    train = {name: TrainStep(m, args.train_batch, precision, mode, f) for name, (m, f) in variants.items()}
     train_seconds, _ = alternate(train, device, args.warmup, args.runs)
     del train
     infer_seconds = None
     if not args.no_inference:
         progress("inference steps")
-        infer = {name: Inference(m, args.infer_batch, precision, args.compile, f) for name, (m, f) in variants.items()}
+        infer = {name: Inference(m, args.infer_batch, precision, mode, f) for name, (m, f) in variants.items()}
         infer_seconds, _ = alternate(infer, device, args.warmup, args.runs)
 
     first = args.variants[0]
     print(f"# device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"torch {torch.__version__}, {args.dtype}{' autocast' if args.autocast else ''}, compile={args.compile}, "
+          f"torch {torch.__version__}, {args.dtype}{' autocast' if args.autocast else ''}, compile={mode}, "
+          f"cudnn.benchmark={args.cudnn_benchmark}, "
           f"train batch {args.train_batch}, inference batch {args.infer_batch}, median of {args.runs}")  # fmt: skip
     print(f"| variant | train images/s | vs {first} | inference images·steps/s | vs {first} |")
     print("|---|---:|---:|---:|---:|")

@@ -16,6 +16,7 @@ from . import sampling
 from .data import load_image_dataset, prepare_images
 from .likelihood import bits_per_dim, heldout_loss
 from .memorization import memorization, nearest_picture
+from .options import first_line
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
@@ -39,8 +40,14 @@ class ReferenceImages(ImageTensors):
     """A reference split preprocessed like training (shorter side to `resolution`, centre crop), no flips."""
 
     def __init__(self, reference: str, split: str, image_column: str, resolution: int):
-        dataset = load_image_dataset(reference, image_column=image_column, split=split)
-        self.images, self.skipped = prepare_images(dataset, image_column, resolution)
+        try:
+            dataset = load_image_dataset(reference, image_column=image_column, split=split)
+            self.images, self.skipped = prepare_images(dataset, image_column, resolution)
+        except (FileNotFoundError, ValueError) as error:  # datasets' DatasetNotFoundError is a FileNotFoundError
+            raise ValueError(
+                f"cannot read images from {reference} (split {split}): {first_line(error)}; "
+                "give a folder of images, a dataset folder or a Hub dataset name."
+            ) from None
         self.crop = v2.CenterCrop(resolution)
 
     def __getitem__(self, index: int) -> torch.Tensor:

@@ -206,6 +206,7 @@ def _unreadable_images(folder: Path) -> Path:
     ("case", "message"),
     [
         ("missing", "missing-folder"),
+        ("empty", "doesn't contain any data files; give a folder of images"),
         ("unreadable", "no readable images"),
         ("learned", "learned variance is not supported"),
         ("no-train-reference", "memorization needs the training images"),
@@ -218,7 +219,9 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_written(tiny_unet, imag
     reference = {
         "missing": str(tmp_path / "missing-folder"),
         "unreadable": str(_unreadable_images(tmp_path / "broken")),
+        "empty": str(tmp_path / "empty"),
     }.get(case, str(image_sets["a"]))
+    (tmp_path / "empty").mkdir()
     metrics = {"no-train-reference": "memorization", "unknown-metric": "nll,bpd"}.get(case, "nll,loss")
     result = run_evaluate(
         str(tmp_path / "pipe"), "--reference", reference, "--metrics", metrics, "--nll-timesteps", "2"
