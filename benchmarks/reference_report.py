@@ -32,11 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pets_diffusion import PetsUNet2DModel, sampling  # noqa: E402
-from pets_diffusion.data import evaluation_tensor, load_image_dataset, prepare_images  # noqa: E402
+from pets_diffusion.evaluation import RunImages  # noqa: E402
 from pets_diffusion.likelihood import bits_per_dim, heldout_loss  # noqa: E402
 from pets_diffusion.memorization import memorization, nearest_picture  # noqa: E402
 from pets_diffusion.plotting import read_scalars  # noqa: E402
-from pets_diffusion.validation import split_validation  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +51,9 @@ def main() -> None:
     unet = PetsUNet2DModel.from_pretrained(options.run_dir, subfolder="unet").to(device).eval()
     ddpm = DDPMScheduler.from_pretrained(options.run_dir, subfolder="scheduler")
     args = Namespace(**json.loads((options.run_dir / "training_args.json").read_text()))
-    train, heldout = training_and_heldout_images(args, device)
+    resolution = unet.config.sample_size
+    train = RunImages(options.run_dir, "train", resolution).as_floats().to(device)
+    heldout = RunImages(options.run_dir, "heldout", resolution).as_floats().to(device)
     started = time.perf_counter()
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
         samples = draw_pictures(unet, ddpm, options.out_dir, options.batch_size)
@@ -64,16 +65,6 @@ def main() -> None:
     summary = summarise(options, args, bound, loss, copying, device, time.perf_counter() - started)
     (options.out_dir / "reference_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({key: summary[key] for key in ("bpd", "bpd_stderr", "heldout_loss", "memorization_share")}))
-
-
-def training_and_heldout_images(args: Namespace, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's training images and held-out images, split exactly as the run split them."""
-    dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column)
-    images, _ = prepare_images(dataset, args.image_column, args.resolution)
-    kept, validation = split_validation(args, images, args.seed, torch.device(device))
-    if validation is None:
-        raise SystemExit(f"{args.output_dir} held out no images: train with --validation_images N.")
-    return evaluation_tensor(kept, args.resolution).to(device), validation.images
 
 
 @torch.no_grad()

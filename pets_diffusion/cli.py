@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="Held-out bits/dim and loss, memorisation, FID/KID against a reference dataset."
     )
     _add_sampler_options(evaluate)
-    evaluate.add_argument("--reference", required=True, help="Held-out images: a `datasets` name or local folder.")
-    evaluate.add_argument("--split", default="train", help="The reference's split (default: %(default)s).")
+    evaluate.add_argument("--reference", default=None, help="Held-out images: a `datasets` name or local folder.")
+    evaluate.add_argument("--split", default="train",
+                          help="The reference's split (default: %(default)s); `heldout`: the images the training "
+                               "run MODEL held out (--validation_images), from its own data.")  # fmt: skip
     evaluate.add_argument("--image-column", default="image")
     evaluate.add_argument("--metrics", default="nll,loss",
                           help="Comma-separated: nll, loss, memorization, fid, kid (default: %(default)s, "
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-samples", type=positive_int, default=1000,
                           help="Images to generate for memorization and FID/KID.")  # fmt: skip
     evaluate.add_argument("--train-reference", default=None,
-                          help="The images the model trained on (for memorization).")  # fmt: skip
+                          help="The images the model trained on (for memorization; default: a run's own).")  # fmt: skip
     evaluate.add_argument("--train-split", default="train")
     evaluate.add_argument("--inception-weights", type=Path, default=None,
                           help="torch-fidelity's Inception weights (pt_inception-2015-12-05-*.pth).")  # fmt: skip
@@ -135,7 +137,7 @@ def run_evaluate(args) -> None:
         num_images=args.num_images, nll_timesteps=args.nll_timesteps, num_samples=args.num_samples,
         num_inference_steps=steps, scheduler_name=args.scheduler, seed=args.seed, batch_size=args.batch_size,
         train_reference=train_reference, inception_weights=args.inception_weights, cache_dir=args.cache_dir,
-        model_name=args.model, report_path=report_path,
+        model_name=args.model, report_path=report_path, run_dir=Path(args.model) if Path(args.model).is_dir() else None,
     )  # fmt: skip
     for name, value in report["metrics"].items():
         print(f"{name}: {value:.6g}")

@@ -112,7 +112,9 @@ def build_demo(unet: torch.nn.Module, scheduler_config, title: str, facts: str) 
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 status = gr.Markdown("Press **Generate**.", elem_id="status")
-                preview = gr.Image(label="Denoising (x̂₀), then the grid", type="pil", format="png", elem_id="preview")
+                preview = gr.Image(
+                    label="Denoising (x̂₀), then the grid", type="pil", format="png", height=320, elem_id="preview"
+                )
                 gallery = gr.Gallery(label="Images", columns=4, format="png", elem_id="gallery")
                 download = gr.File(label="Grid (PNG)", elem_id="download")
         scheduler.change(

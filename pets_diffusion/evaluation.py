@@ -40,14 +40,8 @@ class ReferenceImages(ImageTensors):
     """A reference split preprocessed like training (shorter side to `resolution`, centre crop), no flips."""
 
     def __init__(self, reference: str, split: str, image_column: str, resolution: int):
-        try:
-            dataset = load_image_dataset(reference, image_column=image_column, split=split)
-            self.images, self.skipped = prepare_images(dataset, image_column, resolution)
-        except (FileNotFoundError, ValueError) as error:  # datasets' DatasetNotFoundError is a FileNotFoundError
-            raise ValueError(
-                f"cannot read images from {reference} (split {split}): {first_line(error)}; "
-                "give a folder of images, a dataset folder or a Hub dataset name."
-            ) from None
+        self.source, self.split = reference, split
+        self.images, self.skipped = _read_images(reference, None, None, image_column, None, split, resolution)
         self.crop = v2.CenterCrop(resolution)
 
     def __getitem__(self, index: int) -> torch.Tensor:
@@ -57,6 +51,77 @@ class ReferenceImages(ImageTensors):
         """`count` of the images (all if None; else a seeded choice) as floats in [-1, 1] on the 256-level grid."""
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count].sort().values
         return torch.stack([self[int(index)] for index in order]).float() / 127.5 - 1
+
+
+class RunImages(ReferenceImages):
+    """The images a training run held out (`part="heldout"`) or trained on (`part="train"`), split as it was.
+
+    The run's `training_args.json` names its data; `validation_images.json` which images it held out.
+    """
+
+    def __init__(self, run_dir: str | Path, part: str, resolution: int):
+        run_dir = Path(run_dir)
+        args, held = _read_json(run_dir / "training_args.json"), _read_json(run_dir / "validation_images.json")
+        if not args or (part == "heldout" and not held):
+            raise ValueError(
+                f"{run_dir} records no held-out images (no training_args.json/validation_images.json); train with "
+                "--validation_images N, or give --reference DATA --split SPLIT."
+                if part == "heldout"
+                else f"{run_dir} does not record its training data (no training_args.json); give --train-reference."
+            )
+        column = args.get("image_column", "image")
+        if part == "heldout" and args.get("validation_dataset"):
+            self.source, self.split = args["validation_dataset"], "train"
+            self.images, self.skipped = _read_images(self.source, None, None, column, None, "train", resolution)
+            self.images = self.images[: args.get("validation_images") or None]
+        else:
+            self.source = args.get("train_data_dir") or args.get("dataset_name")
+            self.images, self.skipped = _read_images(
+                args.get("dataset_name"), args.get("dataset_config_name"), args.get("train_data_dir"), column,
+                args.get("cache_dir"), "train", resolution,
+            )  # fmt: skip
+            indices = set(held.get("held_out_indices", []))
+            keep = (lambda index: index in indices) if part == "heldout" else (lambda index: index not in indices)
+            self.images = [image for index, image in enumerate(self.images) if keep(index)]
+            self.split = f"train: the {len(indices)} images held out" if part == "heldout" else "train, less held-out"
+        self.crop = v2.CenterCrop(resolution)
+
+
+def _read_images(name, config_name, data_dir, image_column, cache_dir, split, resolution):
+    """Readable images of a dataset (resized uint8 tensors) and the names of the unreadable; one-line errors."""
+    try:
+        dataset = load_image_dataset(name, config_name, data_dir, image_column, cache_dir, split=split)
+        return prepare_images(dataset, image_column, resolution)
+    except (FileNotFoundError, ValueError) as error:  # datasets' DatasetNotFoundError is a FileNotFoundError
+        raise ValueError(
+            f"cannot read images from {data_dir or name} (split {split}): {first_line(error)}; "
+            "give a folder of images, a dataset folder or a Hub dataset name."
+        ) from None
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def image_sets(reference, split, image_column, resolution, train_reference, run_dir, memorization_asked):
+    """The held-out images and (for memorization) the training images, from names or from the run's records."""
+    if split == "heldout":
+        if run_dir is None:
+            raise ValueError(
+                "--split heldout needs a training output folder as MODEL (one trained with --validation_images)."
+            )
+        heldout = RunImages(run_dir, "heldout", resolution)
+    elif reference is None:
+        raise ValueError(
+            "give --reference DATA (held-out images), or --split heldout for a run trained with --validation_images."
+        )
+    else:
+        heldout = ReferenceImages(reference, split, image_column, resolution)
+    if not memorization_asked:
+        return heldout, None
+    if train_reference is not None:
+        return heldout, ReferenceImages(*train_reference, image_column, resolution)
+    return heldout, RunImages(run_dir, "train", resolution)
 
 
 def inception_weights_path(given: str | Path | None) -> Path:
@@ -131,7 +196,7 @@ def fidelity(
 def evaluate(
     unet,
     scheduler,
-    reference: str,
+    reference: str | None,
     split: str = "train",
     image_column: str = "image",
     metrics: list[str] = ("nll", "loss"),
@@ -147,31 +212,36 @@ def evaluate(
     cache_dir: str | Path | None = None,
     model_name: str = "model",
     report_path: str | Path | None = None,
+    run_dir: str | Path | None = None,
 ) -> dict:
     """Measure the model against held-out images (`reference`'s `split`); return (and write) the report.
 
     nll and loss score the held-out images under the model; memorization and FID/KID compare
-    `num_samples` generated images with them (memorization also with `train_reference`, the
-    (dataset, split) the model trained on). With a report path, memorization's picture is
-    written beside the report as `memorization.png`.
+    `num_samples` generated images with them (memorization also with the training images:
+    `train_reference`, a (dataset, split), or else those `run_dir` trained on). `split="heldout"`
+    takes the images the training run in `run_dir` held out. With a report path, memorization's
+    picture is written beside the report as `memorization.png`.
     """
     unknown = set(metrics) - set(METRICS)
     if unknown or not metrics:
         named = f"unknown metric(s) {', '.join(sorted(unknown))}" if unknown else "no metric named"
         raise ValueError(f"{named}; choose from {', '.join(METRICS)}.")
-    if "memorization" in metrics and train_reference is None:
+    recorded = run_dir is not None and (Path(run_dir) / "training_args.json").is_file()
+    if "memorization" in metrics and train_reference is None and not recorded:
         raise ValueError("memorization needs the training images: give --train-reference DATA (and --train-split).")
     started = time.perf_counter()
     fidelity_metrics = [name for name in metrics if name in ("fid", "kid")]
     weights = inception_weights_path(inception_weights) if fidelity_metrics else None
     resolution = unet.config.sample_size
-    references = ReferenceImages(reference, split, image_column, resolution)
+    references, train = image_sets(
+        reference, split, image_column, resolution, train_reference, run_dir, "memorization" in metrics
+    )
     results, protocol = (
         {},
         {
             "model": model_name,
-            "reference": reference,
-            "reference_split": split,
+            "reference": references.source,
+            "reference_split": references.split,
             "reference_images": len(references),
             "reference_skipped": len(references.skipped),
             "preprocessing": f"shorter side to {resolution}, centre crop {resolution}x{resolution}",
@@ -187,7 +257,7 @@ def evaluate(
         protocol |= {"generated_images": len(samples), "sampler": scheduler_name, "steps": num_inference_steps}
     if "memorization" in metrics:
         picture = Path(report_path).with_name("memorization.png") if report_path is not None else None
-        results |= _memorization(samples, references, train_reference, image_column, resolution, picture, protocol)
+        results |= _memorization(samples, references, train, picture, protocol)
     if fidelity_metrics:
         generated = ImageTensors(samples)
         results |= _fidelity(generated, references, fidelity_metrics, weights, reference, split, cache_dir, batch_size,
@@ -221,10 +291,9 @@ def _score_heldout(unet, scheduler, heldout, metrics, nll_timesteps, seed, batch
     return results
 
 
-def _memorization(samples, references, train_reference, image_column, resolution, picture_path, protocol) -> dict:
+def _memorization(samples, references, train_images, picture_path, protocol) -> dict:
     """The share of samples nearer a training image than the median held-out image is; the picture of the nearest."""
-    train_source, train_split = train_reference
-    train = ReferenceImages(train_source, train_split, image_column, resolution).as_floats()
+    train = train_images.as_floats()
     generated = ImageTensors(samples)
     sample_floats = torch.stack([generated[index] for index in range(len(generated))]).float() / 127.5 - 1
     report = memorization(sample_floats, train, references.as_floats())
@@ -232,9 +301,10 @@ def _memorization(samples, references, train_reference, image_column, resolution
         nearest_picture(sample_floats, train, report).save(picture_path)
         protocol["memorization_picture"] = Path(picture_path).name
     protocol |= {
-        "train_reference": train_source,
-        "train_split": train_split,
-        "memorization_distance": report["distance"],
+        "train_reference": train_images.source,
+        "train_split": train_images.split,
+        "train_images": len(train),
+        "distance": report["distance"],
     }
     return {key: report[key] for key in ("memorization_share", "median_sample_distance", "median_heldout_distance")}
 

@@ -211,6 +211,7 @@ def _unreadable_images(folder: Path) -> Path:
         ("learned", "learned variance is not supported"),
         ("no-train-reference", "memorization needs the training images"),
         ("unknown-metric", "unknown metric(s) bpd"),
+        ("heldout-of-a-plain-pipeline", "records no held-out images"),
     ],
 )
 def test_bad_input_is_refused_in_one_line_and_nothing_is_written(tiny_unet, image_sets, tmp_path, case, message):
@@ -223,9 +224,9 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_written(tiny_unet, imag
     }.get(case, str(image_sets["a"]))
     (tmp_path / "empty").mkdir()
     metrics = {"no-train-reference": "memorization", "unknown-metric": "nll,bpd"}.get(case, "nll,loss")
-    result = run_evaluate(
-        str(tmp_path / "pipe"), "--reference", reference, "--metrics", metrics, "--nll-timesteps", "2"
-    )
+    split = "heldout" if case == "heldout-of-a-plain-pipeline" else "train"  # a pipeline records no training run
+    result = run_evaluate(str(tmp_path / "pipe"), "--reference", reference, "--metrics", metrics,
+                          "--nll-timesteps", "2", "--num-images", "2", "--split", split)  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if "error:" in line]  # datasets' progress bars aside
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr

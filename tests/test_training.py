@@ -3,6 +3,9 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from pets_diffusion.plotting import read_scalars
 
 from .helpers import launch, make_image_folder, make_workspace, tiny_training_args, write_tiny_config
+
+PETS_DIFFUSION = Path(sys.executable).with_name("pets-diffusion")
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +166,17 @@ def test_validation_holds_out_images_and_logs_their_loss_and_bits_per_dim(worksp
     from pets_diffusion.hub import render_model_card
 
     assert f"{validation['bpd']:.3f} ± {validation['bpd_stderr']:.3f} bits/dim" in str(render_model_card(output, "a/b"))
+
+    # `evaluate --split heldout` scores the same four images, and memorization compares with the other eight.
+    evaluate = [str(PETS_DIFFUSION), "evaluate", str(output), "--split", "heldout", "--metrics", "nll,memorization",
+                "--nll-timesteps", "3", "--batch-size", "4", "--num-samples", "4", "--steps", "2"]  # fmt: skip
+    result = subprocess.run(evaluate, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((output / "evaluation.json").read_text())
+    assert report["metrics"]["bpd"] == pytest.approx(validation["bpd"], rel=1e-6)  # the same images, K, seed, batch
+    protocol = report["protocol"]
+    assert protocol["reference_images"] == 4 and protocol["train_images"] == 8
+    assert protocol["reference_split"] == "train: the 4 images held out" and (output / "memorization.png").is_file()
 
 
 def test_max_train_time_stops_at_a_step_saves_everything_and_the_run_resumes(workspace, tmp_path):
