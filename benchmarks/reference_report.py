@@ -81,7 +81,7 @@ def draw_pictures(unet, ddpm: DDPMScheduler, out_dir: Path, batch_size: int) -> 
     sampling.trajectory(unet, sampling.make_scheduler("ddpm", ddpm.config), num_samples=4, seed=1).save(
         out_dir / "trajectory.png"
     )
-    pixels = torch.stack([torch.from_numpy(np.asarray(image)) for image in images])
+    pixels = torch.stack([torch.from_numpy(np.array(image)) for image in images])
     return pixels.permute(0, 3, 1, 2).float().to(unet.device) / 127.5 - 1
 
 

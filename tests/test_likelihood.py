@@ -169,5 +169,5 @@ def test_memorisation_scores_copies_near_one_and_fresh_draws_near_a_half():
 
     picture = nearest_picture(copies, train, copied, count=4)
     assert picture.size == (4 * 8, 2 * 8)
-    top, bottom = torch.from_numpy(np.asarray(picture)).reshape(2, 8, 32, 3).float()
+    top, bottom = torch.from_numpy(np.array(picture)).reshape(2, 8, 32, 3).float()
     assert (top - bottom).abs().mean() < 3  # each sample sits above its (near-identical) training image
