@@ -186,6 +186,6 @@ def hold_out(images: Sequence, count: int, seed: int) -> tuple[Sequence, Sequenc
 
 
 def evaluation_tensor(images: Sequence[torch.Tensor], resolution: int) -> torch.Tensor:
-    """Resized uint8 images centre-cropped to `resolution`, as one float tensor in [-1, 1] (no flips)."""
-    transform = augmentation(resolution, center_crop=True, random_flip=False)
-    return torch.stack([transform(images[index]) for index in range(len(images))])
+    """Resized uint8 images centre-cropped to `resolution` (no flips), as floats on the 256-level grid of [-1, 1]."""
+    crop = v2.CenterCrop(resolution)
+    return torch.stack([crop(images[index]) for index in range(len(images))]).float() / 127.5 - 1

@@ -13,7 +13,7 @@ from diffusers import DDPMScheduler
 from torchvision.transforms import v2
 
 from . import sampling
-from .data import load_image_dataset, prepare_images
+from .data import LazyImages, evaluation_tensor, load_image_dataset, prepare_images
 from .likelihood import bits_per_dim, heldout_loss
 from .memorization import memorization, nearest_picture
 from .options import first_line
@@ -40,8 +40,8 @@ class ReferenceImages(ImageTensors):
     """A reference split preprocessed like training (shorter side to `resolution`, centre crop), no flips."""
 
     def __init__(self, reference: str, split: str, image_column: str, resolution: int):
-        self.source, self.split = reference, split
-        self.images, self.skipped = _read_images(reference, None, None, image_column, None, split, resolution)
+        self.source, self.split, self.resolution = reference, split, resolution
+        self.images, self.skipped = read_images(reference, None, None, image_column, None, split, resolution)
         self.crop = v2.CenterCrop(resolution)
 
     def __getitem__(self, index: int) -> torch.Tensor:
@@ -50,7 +50,7 @@ class ReferenceImages(ImageTensors):
     def as_floats(self, count: int | None = None, seed: int = 0) -> torch.Tensor:
         """`count` of the images (all if None; else a seeded choice) as floats in [-1, 1] on the 256-level grid."""
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count].sort().values
-        return torch.stack([self[int(index)] for index in order]).float() / 127.5 - 1
+        return evaluation_tensor([self.images[int(index)] for index in order], self.resolution)
 
 
 class RunImages(ReferenceImages):
@@ -72,11 +72,11 @@ class RunImages(ReferenceImages):
         column = args.get("image_column", "image")
         if part == "heldout" and args.get("validation_dataset"):
             self.source, self.split = args["validation_dataset"], "train"
-            self.images, self.skipped = _read_images(self.source, None, None, column, None, "train", resolution)
+            self.images, self.skipped = read_images(self.source, None, None, column, None, "train", resolution)
             self.images = self.images[: args.get("validation_images") or None]
         else:
             self.source = args.get("train_data_dir") or args.get("dataset_name")
-            self.images, self.skipped = _read_images(
+            self.images, self.skipped = read_images(
                 args.get("dataset_name"), args.get("dataset_config_name"), args.get("train_data_dir"), column,
                 args.get("cache_dir"), "train", resolution,
             )  # fmt: skip
@@ -84,14 +84,22 @@ class RunImages(ReferenceImages):
             keep = (lambda index: index in indices) if part == "heldout" else (lambda index: index not in indices)
             self.images = [image for index, image in enumerate(self.images) if keep(index)]
             self.split = f"train: the {len(indices)} images held out" if part == "heldout" else "train, less held-out"
-        self.crop = v2.CenterCrop(resolution)
+        self.crop, self.resolution = v2.CenterCrop(resolution), resolution
 
 
-def _read_images(name, config_name, data_dir, image_column, cache_dir, split, resolution):
-    """Readable images of a dataset (resized uint8 tensors) and the names of the unreadable; one-line errors."""
+def read_images(
+    name: str | None,
+    config_name: str | None,
+    data_dir: str | None,
+    image_column: str,
+    cache_dir: str | None,
+    split: str,
+    resolution: int,
+) -> tuple[list[torch.Tensor] | LazyImages, list[str]]:
+    """`load_image_dataset` then `prepare_images`, with any failure as one ValueError line naming the source."""
     try:
-        dataset = load_image_dataset(name, config_name, data_dir, image_column, cache_dir, split=split)
-        return prepare_images(dataset, image_column, resolution)
+        return prepare_images(load_image_dataset(name, config_name, data_dir, image_column, cache_dir, split),
+                              image_column, resolution)  # fmt: skip
     except (FileNotFoundError, ValueError) as error:  # datasets' DatasetNotFoundError is a FileNotFoundError
         raise ValueError(
             f"cannot read images from {data_dir or name} (split {split}): {first_line(error)}; "

@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 
 import torch
-from datasets.exceptions import DatasetNotFoundError
 
-from .data import evaluation_tensor, hold_out, load_image_dataset, prepare_images
+from .data import evaluation_tensor, hold_out
+from .evaluation import read_images
 from .likelihood import bits_per_dim, heldout_loss
-from .options import UsageError, first_line
+from .options import UsageError
 
 LOSS_TIMESTEPS = 10
 
@@ -98,7 +98,7 @@ def write_held_out(output_dir: str, validation: Validation) -> None:
 
 def _validation_dataset_images(args) -> list:
     try:
-        dataset = load_image_dataset(args.validation_dataset, image_column=args.image_column, cache_dir=args.cache_dir)
-        return prepare_images(dataset, args.image_column, args.resolution)[0]
-    except (FileNotFoundError, ConnectionError, DatasetNotFoundError, ValueError) as error:
-        raise UsageError(f"--validation_dataset {args.validation_dataset}: {first_line(error)}") from None
+        name, column = args.validation_dataset, args.image_column
+        return read_images(name, None, None, column, args.cache_dir, "train", args.resolution)[0]
+    except ValueError as error:
+        raise UsageError(f"--validation_dataset: {error}") from None
