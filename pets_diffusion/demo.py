@@ -26,6 +26,7 @@ class Generator:
     def __init__(self, unet: torch.nn.Module, scheduler_config):
         self.unet, self.scheduler_config = unet, scheduler_config
         self.num_train_timesteps = scheduler_config["num_train_timesteps"]
+        self.grids = tempfile.TemporaryDirectory(prefix="pets-diffusion-demo-")  # removed with the page
 
     def check(self, count, seed, scheduler_name: str, steps) -> tuple[int, int, int]:
         """The inputs as whole numbers, or a gr.Error with one line saying what is out of range."""
@@ -62,7 +63,7 @@ class Generator:
                 yield preview, None, None, seed, f"Step {index + 1} of {steps}: the model's current guess of x̂₀"
         images = sampling.to_pil(sample)
         picture = sampling.grid(images)
-        path = Path(tempfile.mkdtemp(prefix="pets-diffusion-demo-")) / f"pets-seed{seed}-{scheduler_name}{steps}.png"
+        path = Path(self.grids.name) / f"pets-{count}-seed{seed}-{scheduler_name}{steps}.png"
         picture.save(path)
         status = f"Done: {count} image(s), seed {seed}, {scheduler_name}, {steps} steps."
         yield picture, images, str(path), seed, status
@@ -94,7 +95,7 @@ def _read_json(path: Path) -> dict:
 def build_demo(unet: torch.nn.Module, scheduler_config, title: str, facts: str) -> gr.Blocks:
     """The page: settings, a Generate button, the live x̂_0 preview, the gallery and the grid to download."""
     generator = Generator(unet, scheduler_config)
-    with gr.Blocks(title=title) as demo:
+    with gr.Blocks(title=title, delete_cache=(3600, 3600)) as demo:  # Gradio's copies of images: an hour
         gr.Markdown(f"# {title}\n{facts}")
         with gr.Row():
             with gr.Column(scale=1):

@@ -1,9 +1,11 @@
 """`pets-diffusion demo`: the generator behind the page, then the page itself in headless Chromium."""
 
+import gc
 import io
 import shutil
 import socket
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,11 +50,17 @@ def test_the_page_makes_the_images_sample_makes_and_streams_the_denoising(genera
         assert np.array_equal(np.asarray(Image.open(saved).convert("RGB")), np.asarray(grid))
 
 
-def test_a_random_seed_is_shown_and_makes_the_same_images_again(generator):
+def test_a_random_seed_is_shown_and_makes_the_same_images_again(tiny_unet):
+    generator = Generator(tiny_unet, DDPMScheduler(num_train_timesteps=STEPS).config)
     _, first, _, seed, _ = run(generator, 2, 0, True, "dpmsolver", 5)
     assert 0 <= seed <= 2**32 - 1
-    _, again, _, same_seed, _ = run(generator, 2, seed, False, "dpmsolver", 5)
+    _, again, grid_file, same_seed, _ = run(generator, 2, seed, False, "dpmsolver", 5)
     assert same_seed == seed and all(np.array_equal(a, b) for a, b in zip(pixels(first), pixels(again)))
+    folder = Path(grid_file).parent  # one folder per page, however many generations, gone with the page
+    assert sorted(path.name for path in folder.iterdir()) == [f"pets-2-seed{seed}-dpmsolver5.png"]
+    del generator
+    gc.collect()
+    assert not folder.exists()
 
 
 @pytest.mark.parametrize(
