@@ -311,7 +311,9 @@ def test_push_with_space_makes_a_gradio_space_whose_app_serves_the_model(hub, tr
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**hub_env(hub, tmp_path), "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    (tmp_path / "app-tmp").mkdir()  # the app is killed, so what it leaves in its temp folder stays in tmp_path
+    env = {**hub_env(hub, tmp_path), "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
+           "TMPDIR": str(tmp_path / "app-tmp")}  # fmt: skip
     app = subprocess.Popen([sys.executable, "app.py"], cwd=tmp_path / "space", env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
