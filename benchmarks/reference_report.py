@@ -24,7 +24,6 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
@@ -32,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pets_diffusion import PetsUNet2DModel, sampling  # noqa: E402
-from pets_diffusion.evaluation import RunImages  # noqa: E402
+from pets_diffusion.data import evaluation_tensor  # noqa: E402
+from pets_diffusion.evaluation import ImageTensors, RunImages  # noqa: E402
 from pets_diffusion.likelihood import bits_per_dim, heldout_loss  # noqa: E402
 from pets_diffusion.memorization import memorization, nearest_picture  # noqa: E402
 from pets_diffusion.plotting import read_scalars  # noqa: E402
@@ -81,8 +81,7 @@ def draw_pictures(unet, ddpm: DDPMScheduler, out_dir: Path, batch_size: int) -> 
     sampling.trajectory(unet, sampling.make_scheduler("ddpm", ddpm.config), num_samples=4, seed=1).save(
         out_dir / "trajectory.png"
     )
-    pixels = torch.stack([torch.from_numpy(np.array(image)) for image in images])
-    return pixels.permute(0, 3, 1, 2).float().to(unet.device) / 127.5 - 1
+    return evaluation_tensor(ImageTensors(images), unet.config.sample_size).to(unet.device)
 
 
 def summarise(options, args: Namespace, bound: dict, loss: dict, copying: dict, device: str, seconds: float) -> dict:

@@ -72,8 +72,9 @@ class RunImages(ReferenceImages):
         column = args.get("image_column", "image")
         if part == "heldout" and args.get("validation_dataset"):
             self.source, self.split = args["validation_dataset"], "train"
-            self.images, self.skipped = read_images(self.source, None, None, column, None, "train", resolution)
-            self.images = self.images[: args.get("validation_images") or None]
+            self.images, self.skipped = validation_dataset_images(
+                self.source, column, args.get("cache_dir"), resolution, args.get("validation_images")
+            )
         else:
             self.source = args.get("train_data_dir") or args.get("dataset_name")
             self.images, self.skipped = read_images(
@@ -81,8 +82,8 @@ class RunImages(ReferenceImages):
                 args.get("cache_dir"), "train", resolution,
             )  # fmt: skip
             indices = set(held.get("held_out_indices", []))
-            keep = (lambda index: index in indices) if part == "heldout" else (lambda index: index not in indices)
-            self.images = [image for index, image in enumerate(self.images) if keep(index)]
+            wanted = part == "heldout"
+            self.images = [image for index, image in enumerate(self.images) if (index in indices) == wanted]
             self.split = f"train: the {len(indices)} images held out" if part == "heldout" else "train, less held-out"
         self.crop, self.resolution = v2.CenterCrop(resolution), resolution
 
@@ -105,6 +106,12 @@ def read_images(
             f"cannot read images from {data_dir or name} (split {split}): {first_line(error)}; "
             "give a folder of images, a dataset folder or a Hub dataset name."
         ) from None
+
+
+def validation_dataset_images(name: str, image_column: str, cache_dir, resolution: int, count: int | None):
+    """--validation_dataset's images: its train split, the first `count` of them (all when 0 or None)."""
+    images, skipped = read_images(name, None, None, image_column, cache_dir, "train", resolution)
+    return images[: count or None], skipped
 
 
 def _read_json(path: Path) -> dict:
@@ -268,7 +275,7 @@ def evaluate(
         results |= _memorization(samples, references, train, picture, protocol)
     if fidelity_metrics:
         generated = ImageTensors(samples)
-        results |= _fidelity(generated, references, fidelity_metrics, weights, reference, split, cache_dir, batch_size,
+        results |= _fidelity(generated, references, fidelity_metrics, weights, cache_dir, batch_size,
                              unet.device.type == "cuda", protocol)  # fmt: skip
     protocol["wall_time_s"] = round(time.perf_counter() - started, 1)
     report = {"metrics": results, "protocol": protocol}
@@ -302,8 +309,7 @@ def _score_heldout(unet, scheduler, heldout, metrics, nll_timesteps, seed, batch
 def _memorization(samples, references, train_images, picture_path, protocol) -> dict:
     """The share of samples nearer a training image than the median held-out image is; the picture of the nearest."""
     train = train_images.as_floats()
-    generated = ImageTensors(samples)
-    sample_floats = torch.stack([generated[index] for index in range(len(generated))]).float() / 127.5 - 1
+    sample_floats = evaluation_tensor(ImageTensors(samples), references.resolution)
     report = memorization(sample_floats, train, references.as_floats())
     if picture_path is not None:
         nearest_picture(sample_floats, train, report).save(picture_path)
@@ -317,15 +323,24 @@ def _memorization(samples, references, train_images, picture_path, protocol) -> 
     return {key: report[key] for key in ("memorization_share", "median_sample_distance", "median_heldout_distance")}
 
 
-def _fidelity(generated, references, metrics, weights, reference, split, cache_dir, batch_size, cuda, protocol):
-    """FID/KID by torch-fidelity, with the reference statistics cached per reference, split, size and weights."""
+def reference_cache_name(references: ReferenceImages, weights_sha256: str) -> str:
+    """The name reference statistics are cached under: source, split, the images' contents and the weights.
+
+    The contents count: two runs' held-out images share a source and split name but not their images.
+    """
+    contents = hashlib.sha256()
+    for index in range(len(references)):
+        contents.update(references[index].numpy().tobytes())
+    source = re.sub(r"[^A-Za-z0-9]+", "_", f"{references.source}-{references.split}").strip("_")[-80:]
+    return "-".join([source, contents.hexdigest()[:12], weights_sha256[:12]])
+
+
+def _fidelity(generated, references, metrics, weights, cache_dir, batch_size, cuda, protocol):
+    """FID/KID by torch-fidelity, with the reference statistics cached (`reference_cache_name`)."""
     import torch_fidelity
 
     weights_sha256 = _checked_weights(weights)
-    resolution = references[0].shape[-1]
-    cache_name = "-".join(
-        [re.sub(r"[^A-Za-z0-9]+", "_", str(reference)).strip("_")[-80:], split, str(resolution), weights_sha256[:12]]
-    )
+    cache_name = reference_cache_name(references, weights_sha256)
     cache_root = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()).parent / "pets-diffusion" / "fidelity"
     protocol |= {
         "feature_extractor": f"inception-v3-compat (torch-fidelity {torch_fidelity.__version__})",

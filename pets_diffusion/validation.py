@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .data import evaluation_tensor, hold_out
-from .evaluation import read_images
+from .evaluation import validation_dataset_images
 from .likelihood import bits_per_dim, heldout_loss
 from .options import UsageError
 
@@ -64,8 +64,6 @@ def split_validation(args, images, seed: int, device: torch.device):
     batch_size = args.train_batch_size
     if args.validation_dataset is not None:
         held = _validation_dataset_images(args)
-        if args.validation_images:
-            held = held[: args.validation_images]
         tensor = evaluation_tensor(held, args.resolution).to(device)
         return images, Validation(tensor, args.validation_dataset, args.validation_bpd_timesteps, batch_size)
     if not args.validation_images:
@@ -98,7 +96,7 @@ def write_held_out(output_dir: str, validation: Validation) -> None:
 
 def _validation_dataset_images(args) -> list:
     try:
-        name, column = args.validation_dataset, args.image_column
-        return read_images(name, None, None, column, args.cache_dir, "train", args.resolution)[0]
+        name, count = args.validation_dataset, args.validation_images
+        return validation_dataset_images(name, args.image_column, args.cache_dir, args.resolution, count)[0]
     except ValueError as error:
         raise UsageError(f"--validation_dataset: {error}") from None

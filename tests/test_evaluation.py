@@ -236,3 +236,15 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_written(tiny_unet, imag
 def test_bits_per_dim_refuses_images_of_another_size(tiny_unet):
     with pytest.raises(ValueError, match="the images are 8x8 but the model takes 16x16"):
         bits_per_dim(tiny_unet, DDPMScheduler(num_train_timesteps=50), torch.zeros(2, 3, 8, 8))
+
+
+def test_reference_statistics_are_cached_per_images_not_only_per_name(image_sets):
+    """Two runs' held-out images have the same source and split name; their FID statistics must not be shared."""
+    first = evaluation.ReferenceImages(str(image_sets["a"]), "train", "image", 16)
+    same = evaluation.ReferenceImages(str(image_sets["a"]), "train", "image", 16)
+    other = evaluation.ReferenceImages(str(image_sets["a"]), "train", "image", 16)
+    other.images = other.images[:12]  # as another run's held-out subset of the same data
+    name = evaluation.reference_cache_name(first, "0" * 64)
+    assert name == evaluation.reference_cache_name(same, "0" * 64)
+    assert name != evaluation.reference_cache_name(other, "0" * 64)
+    assert name != evaluation.reference_cache_name(first, "1" * 64)

@@ -210,3 +210,23 @@ def test_two_processes_stop_together_when_the_time_budget_is_spent(workspace, tm
     first, second = summary["weight_checksums"]
     assert first == second
     assert (output / "checkpoint-1" / "random_states_1.pkl").is_file()
+
+
+def test_validation_dataset_validates_on_its_first_images_and_evaluate_finds_them(workspace, tmp_path):
+    held = make_image_folder(tmp_path / "held", count=5, size=(16, 16), seed=7)
+    output = tmp_path / "validated-elsewhere"
+    launch(tiny_training_args(
+        workspace["data"], workspace["config"], output, "--max_train_steps", "3", "--checkpointing_steps", "3",
+        "--save_images_steps", "3", "--validation_dataset", str(held), "--validation_images", "3",
+        "--validation_steps", "3", "--validation_bpd_timesteps", "2",
+    ))  # fmt: skip
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["train_images"] == 12 and summary["validation"]["images"] == 3  # nothing held out of training
+    assert summary["validation"]["source"] == str(held)
+    evaluate = [str(PETS_DIFFUSION), "evaluate", str(output), "--split", "heldout", "--nll-timesteps", "2",
+                "--batch-size", "4", "--metrics", "nll"]  # fmt: skip
+    result = subprocess.run(evaluate, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((output / "evaluation.json").read_text())
+    assert report["protocol"]["reference"] == str(held) and report["protocol"]["reference_images"] == 3
+    assert report["metrics"]["bpd"] == pytest.approx(summary["validation"]["bpd"], rel=1e-6)
