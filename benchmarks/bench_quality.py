@@ -17,6 +17,7 @@ from diffusers import DDPMScheduler
 
 from pets_diffusion import PetsUNet2DModel
 from pets_diffusion.allocator import retain_freed_memory
+from pets_diffusion.hardware import describe_cpu
 from pets_diffusion.layout import preferred_memory_format
 from pets_diffusion.likelihood import bits_per_dim, heldout_loss
 from pets_diffusion.objective import diffusion_loss
@@ -71,7 +72,8 @@ def main() -> None:
     k_terms = measure(lambda: bits_per_dim(model, scheduler, held, options.kl_terms, batch_size=options.batch))
     every = images[: options.all_images]
     all_terms = measure(lambda: bits_per_dim(model, scheduler, every, None, batch_size=options.batch))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{describe_cpu()}, {threads} threads"
     print(f"# {name}, torch {torch.__version__}, PetsUNet2DModel default (80 M), 64x64, "
           f"{'bf16 autocast' if options.autocast else 'fp32'}, batch {options.batch}")  # fmt: skip
     print("| what | images | seconds | seconds/image | training steps' worth |")

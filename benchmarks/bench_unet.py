@@ -12,7 +12,6 @@ model (Linux: /proc/self/status).
 import argparse
 import contextlib
 import copy
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from pets_diffusion import PetsUNet2DModel
 from pets_diffusion.allocator import retain_freed_memory
+from pets_diffusion.hardware import describe_cpu
 from pets_diffusion.layout import preferred_memory_format
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -355,9 +355,7 @@ def main() -> None:
     peak = (peak_at_start + peak_at_end) / 2
     for name in rows:
         rows[name]["train % of matmul peak"] = 100 * rows[name]["train GFLOP/s"] * 1e9 / peak
-    hardware = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    )
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else describe_cpu()
     print(f"# {hardware}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, device {device}, "
           f"{args.dtype}{' autocast' if args.autocast else ''}, compile={mode}, "
           f"cudnn.benchmark={args.cudnn_benchmark}, "

@@ -8,12 +8,15 @@ from pathlib import Path
 from accelerate import Accelerator
 from diffusers import DDPMPipeline, DDPMScheduler
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 
+from .posthoc_ema import PowerFunctionEMA
 from .unet import PetsUNet2DModel
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
+POST_HOC_EMA_FILE = "post_hoc_ema.safetensors"
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -78,13 +81,15 @@ def save_checkpoint(
     return final
 
 
-def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None) -> None:
-    """Make `save_state`/`load_state` write and read the UNet and its EMA as safetensors folders."""
+def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None, post_hoc: PowerFunctionEMA | None) -> None:
+    """Make `save_state`/`load_state` write and read the UNet and its EMAs as safetensors."""
 
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             if ema is not None:
                 ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            if post_hoc is not None:
+                save_file(post_hoc.state_dict(), os.path.join(output_dir, POST_HOC_EMA_FILE))
             for unet in models:
                 unet.save_pretrained(os.path.join(output_dir, "unet"))
         while weights:
@@ -95,6 +100,8 @@ def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None) -> None
             loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), PetsUNet2DModel, foreach=True)
             ema.load_state_dict(loaded.state_dict())
             ema.to(accelerator.device)
+        if post_hoc is not None:
+            post_hoc.load_state_dict(load_file(os.path.join(input_dir, POST_HOC_EMA_FILE)))
         while models:
             unet = models.pop()
             loaded = PetsUNet2DModel.from_pretrained(input_dir, subfolder="unet")

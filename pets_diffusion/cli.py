@@ -1,4 +1,4 @@
-"""The `pets-diffusion` command: sample, evaluate, push, demo and plot-loss."""
+"""The `pets-diffusion` command: sample, evaluate, ema, push, demo and plot-loss."""
 
 import argparse
 import importlib.util
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     sample = commands.add_parser("sample", help="Generate images from a pipeline folder or Hub repo.")
-    _add_sampler_options(sample)
+    _add_sampler_options(sample, default_dtype="auto")
     sample.add_argument("--num-images", type=positive_int, default=16)
     sample.add_argument("--out", type=Path, default=None, help="Write a grid of all images here (PNG).")
     sample.add_argument("--out-dir", type=Path, default=None, help="Write one PNG per image here.")
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate", help="Held-out bits/dim and loss, memorisation, FID/KID against a reference dataset."
     )
-    _add_sampler_options(evaluate)
+    _add_sampler_options(evaluate, default_dtype="float32")  # measurements in full precision unless asked
     evaluate.add_argument("--reference", default=None, help="Held-out images: a `datasets` name or local folder.")
     evaluate.add_argument("--split", default="train",
                           help="The reference's split (default: %(default)s); `heldout`: the images the training "
@@ -78,9 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int_range(1, 65535), default=7860)
     demo.add_argument("--share", action="store_true", help="Also open a public gradio.live link (off by default).")
     demo.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
-    demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    demo.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     demo.add_argument("--max-queue", type=positive_int, default=8, help="Users who may wait for their turn.")
     demo.set_defaults(run=run_demo)
+
+    ema = commands.add_parser(
+        "ema", help="Choose a run's EMA after training: post-hoc EMAs of several widths, measured on held-out images."
+    )
+    ema.add_argument("run_dir", type=Path, help="A train_unconditional.py --post_hoc_ema --validation_images N run.")
+    ema.add_argument("--sigma-rel", default="0.03,0.05,0.1,0.2",
+                     help="Relative EMA widths to reconstruct, comma-separated (default: %(default)s).")  # fmt: skip
+    ema.add_argument("--select-by", default=None, choices=["bpd", "loss"],
+                     help="Make the best one the pipeline (the earlier one kept); default: measure only.")  # fmt: skip
+    ema.add_argument(
+        "--step", type=positive_int, default=None, help="Reconstruct at this snapshot step (default: last)."
+    )
+    ema.add_argument("--nll-timesteps", type=positive_int, default=50,
+                     help="Stratified KL terms of each bits/dim (default: %(default)s).")  # fmt: skip
+    ema.add_argument("--batch-size", type=positive_int, default=64)
+    ema.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    ema.set_defaults(run=run_ema)
 
     plot = commands.add_parser("plot-loss", help="Redraw a run's loss curve from its TensorBoard events.")
     plot.add_argument("run_dir", type=Path)
@@ -89,7 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
+DTYPES = ["auto", "float32", "float16", "bfloat16"]
+DTYPE_HELP = (
+    "auto (default): bfloat16 where the device runs it natively (AMX, AVX512-BF16, Ampere+ GPUs), else float32."
+)
+
+
+def _add_sampler_options(parser: argparse.ArgumentParser, default_dtype: str) -> None:
     parser.add_argument("model", help="A pipeline folder or a Hub repo id.")
     parser.add_argument("--scheduler", default="dpmsolver", choices=["ddpm", "ddim", "dpmsolver"])
     parser.add_argument("--steps", type=positive_int, default=None,
@@ -97,7 +120,7 @@ def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default=default_dtype, choices=DTYPES, help=DTYPE_HELP)
 
 
 def run_sample(args) -> None:
@@ -172,6 +195,31 @@ def run_push(args) -> None:
         print(f"pushed the Space {args.space}, serving {args.repo_id}: {url}")
 
 
+def run_ema(args) -> None:
+    from diffusers import DDPMScheduler
+
+    from . import ema_selection
+    from .evaluation import RunImages
+    from .posthoc_ema import check_sigma_rel
+
+    try:
+        sigma_rels = [check_sigma_rel(float(text)) for text in args.sigma_rel.split(",") if text.strip()]
+    except ValueError as error:
+        raise ValueError(f"--sigma-rel {args.sigma_rel}: {first_line(error)}") from None
+    if not sigma_rels:
+        raise ValueError("--sigma-rel names no width; give e.g. 0.05,0.1")
+    unet, folder = _load_unet(str(args.run_dir), args.device, "float32")
+    heldout = RunImages(folder, "heldout", unet.config.sample_size).as_floats().to(unet.device)
+    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    result = ema_selection.choose(
+        folder, unet, scheduler, heldout, sigma_rels, args.select_by, args.nll_timesteps, args.batch_size, args.step
+    )
+    print(result["table"])
+    if args.select_by:
+        print(f"chosen by held-out {args.select_by}: {result['chosen']}; saved as the pipeline in {folder}")
+    print(f"wrote {Path(folder) / 'ema_sweep.json'}, ema_sweep.png and ema_grids.png")
+
+
 def run_plot_loss(args) -> None:
     from .plotting import plot_loss_curve
 
@@ -198,12 +246,14 @@ def _load_unet(model: str, device: str | None, dtype: str):
     import torch
 
     from .allocator import retain_freed_memory
+    from .hardware import auto_dtype
     from .layout import preferred_memory_format
     from .unet import PetsUNet2DModel
 
     folder = _model_folder(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    unet = PetsUNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=getattr(torch, dtype))
+    torch_dtype = auto_dtype(device) if dtype == "auto" else getattr(torch, dtype)
+    unet = PetsUNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype)
     unet = unet.to(device, memory_format=preferred_memory_format(device)).eval()
     if unet.device.type == "cpu":
         retain_freed_memory()

@@ -11,6 +11,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from . import unet as unet_module
+from .objective import DEFAULT_VLB_WEIGHT, LEARNED_VARIANCE
 from .options import first_line
 
 REMOTE_MODULE = "pets_unet"  # unet/pets_unet.py on the Hub; model_index.json names ["pets_unet", "PetsUNet2DModel"]
@@ -189,6 +190,8 @@ def render_model_card(output_dir: str | Path, repo_id: str, export_dir: str | Pa
     ema = "on" if args.get("use_ema", True) else "off"
     if args.get("use_ema", True) and "ema_max_decay" in args:
         ema = f"on (max decay {args['ema_max_decay']}, power {args['ema_power']}; the weights here are the EMA's)"
+    if "post_hoc_ema" in summary:
+        ema = _post_hoc_ema(summary["post_hoc_ema"], ema)
     return ModelCard.from_template(
         card_data,
         template_path=str(model_card_template()),
@@ -204,6 +207,8 @@ def render_model_card(output_dir: str | Path, repo_id: str, export_dir: str | Pa
         attention_resolutions=", ".join(f"{size}×{size}" for size in unet_config["attention_resolutions"]),
         bottleneck=f"{bottleneck}×{bottleneck}",
         prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+        variance=_variance(scheduler_config.get("variance_type", "fixed_small"), args),
+        learned_variance=scheduler_config.get("variance_type") == LEARNED_VARIANCE,
         beta_schedule=scheduler_config.get("beta_schedule", "linear"),
         num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
         dataset_description=_dataset_description(args, summary, dataset, hub_dataset),
@@ -244,6 +249,30 @@ def _dataset_description(args: dict, summary: dict, dataset: str, hub_dataset: b
     if skipped:
         text += f" {len(skipped)} unreadable image(s) were skipped."
     return text
+
+
+def _post_hoc_ema(choice: dict, standard: str) -> str:
+    measure = "bits/dim" if choice["selected_by"] == "bpd" else "loss"
+    scores = f"held-out {choice['bpd']:.3f} ± {choice['bpd_stderr']:.3f} bits/dim"
+    if choice["candidate"] == "standard":
+        return f"{standard}; a post-hoc EMA sweep (EDM2) found no width with a lower held-out {measure} ({scores})"
+    return (
+        f"post-hoc (EDM2 power-function EMA), σ_rel {choice['candidate']:.2f}, reconstructed from snapshots and "
+        f"chosen by held-out {measure}: {scores}, {choice['bpd_minus_standard']:+.3f} ± {choice['stderr']:.3f} "
+        "against the run's own EMA (paired)"
+    )
+
+
+def _variance(variance_type: str, args: dict) -> str:
+    if variance_type == LEARNED_VARIANCE:
+        weight = args.get("vlb_weight") or DEFAULT_VLB_WEIGHT
+        return (
+            f"learned (`{variance_type}`, improved DDPM: between β̃_t and β_t in log space), trained with "
+            f"L_simple + {weight:g} L_vlb"
+        )
+    return {"fixed_small": "fixed, β̃_t (`fixed_small`)", "fixed_large": "fixed, β_t (`fixed_large`)"}.get(
+        variance_type, f"`{variance_type}`"
+    )
 
 
 def _hardware(summary: dict) -> str:

@@ -14,6 +14,7 @@ import torch
 
 from .checkpoints import checkpoint_step, resolve_checkpoint
 from .data import DEFAULT_DATASET
+from .objective import DEFAULT_VLB_WEIGHT, LEARNED_VARIANCE
 from .unet import PetsUNet2DModel
 
 
@@ -147,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ddpm_num_inference_steps", type=positive_int, default=1000, help="Sampling steps for sample grids.")
     add("--ddpm_beta_schedule", default="linear", choices=["linear", "squaredcos_cap_v2"])
     add("--snr_gamma", type=positive_float, default=None, help="Min-SNR loss weighting gamma (5.0 is usual).")
+    add(
+        "--variance_type",
+        default="fixed_small",
+        choices=["fixed_small", "fixed_large", "learned_range"],
+        help="The reverse process's variance: fixed (DDPM) or learned_range (improved DDPM: the UNet outputs it too, "
+        "trained with L_hybrid).",
+    )
+    add(
+        "--vlb_weight",
+        type=positive_float,
+        default=None,
+        help=f"λ of L_hybrid = L_simple + λ L_vlb, with learned_range (default {DEFAULT_VLB_WEIGHT}, improved DDPM's).",
+    )
     # Optimisation
     add("--train_batch_size", type=positive_int, default=16, help="Batch size per device.")
     add("--num_epochs", type=positive_int, default=100)
@@ -184,10 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="Keep an EMA of the weights and save it (default on; --no-use_ema turns it off).",
     )
+    add(
+        "--post_hoc_ema",
+        action="store_true",
+        help="Also keep EDM2's two power-function EMAs (σ_rel 0.05, 0.10) and save their snapshots, so that the EMA "
+        "can be chosen after training (pets-diffusion ema RUN); with validation on, the best is chosen at the end.",
+    )
+    add("--post_hoc_ema_every", type=positive_int, default=500, help="Steps between post-hoc EMA snapshots.")
     add("--ema_inv_gamma", type=positive_float, default=1.0)
     add("--ema_power", type=positive_float, default=3 / 4)
     add("--ema_max_decay", type=float_range(0.0, 1.0), default=0.9999)
-    add("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    add(
+        "--mixed_precision",
+        default="no",
+        choices=["no", "fp16", "bf16", "auto"],
+        help="auto: bf16 where the device runs it natively (Ampere+ GPUs; CPUs with AMX, AVX512-BF16, Arm BF16).",
+    )
     add("--use_torch_compile", action="store_true", help="torch.compile the UNet (inductor) for speed.")
     add(
         "--channels_last",
@@ -250,6 +276,11 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--ddpm_num_inference_steps {args.ddpm_num_inference_steps} is more than --ddpm_num_steps "
             f"{args.ddpm_num_steps}, the timesteps the model trains on; sample in at most {args.ddpm_num_steps}."
         )
+    if args.vlb_weight is not None and args.variance_type != LEARNED_VARIANCE:
+        raise UsageError(
+            f"--vlb_weight weighs the bound a learned variance trains on; add --variance_type {LEARNED_VARIANCE} "
+            "or drop it."
+        )
     if args.validation_dataset is not None:
         _check_dataset_name(args.validation_dataset, "--validation_dataset")
     if args.push_to_hub and args.hub_model_id is not None and args.hub_model_id.count("/") > 1:
@@ -303,4 +334,6 @@ def build_model_config(args: argparse.Namespace) -> dict:
             config.update(PetsUNet2DModel.load_config(path))
         except (OSError, ValueError) as error:
             raise UsageError(f"--model_config_name_or_path {path}: {first_line(error)}") from None
-    return {**config, "sample_size": args.resolution}
+    # A learned variance adds as many output channels as the image has (improved DDPM's "learn_sigma").
+    out_channels = config["in_channels"] * (2 if args.variance_type == LEARNED_VARIANCE else 1)
+    return {**config, "sample_size": args.resolution, "out_channels": out_channels}

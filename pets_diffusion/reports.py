@@ -12,6 +12,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from . import sampling
+from .hardware import describe_cpu
 from .plotting import plot_loss_curve
 
 logger = get_logger(__name__)
@@ -81,7 +82,7 @@ def write_sample_grid(unet, noise_scheduler, args, accelerator: Accelerator, ste
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({os.cpu_count()} cores)"
+    return f"CPU: {describe_cpu()}, {os.cpu_count()} cores"
 
 
 def hparams(args) -> dict:

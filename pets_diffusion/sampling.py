@@ -1,5 +1,6 @@
 """Sampling: schedulers by name, `sample()`, image grids and the denoising trajectory."""
 
+import inspect
 import math
 from collections.abc import Callable, Iterator
 
@@ -11,7 +12,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .objective import original_from_prediction
+from .objective import LEARNED_VARIANCE, original_from_prediction
 
 SCHEDULERS = {
     "ddpm": DDPMScheduler,
@@ -41,14 +42,29 @@ def reverse_process(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Run the reverse process from `noise`, yielding (index, timestep, x_t, model output, next sample) each step."""
+    """Run the reverse process from `noise`, yielding (index, timestep, x_t, prediction, next sample) each step.
+
+    The prediction is the model's ε, v or x_0 (without a learned variance's channels, which only DDPM's
+    and DPM-Solver++'s steps take: DDIM's is deterministic).
+    """
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     sample = noise * scheduler.init_noise_sigma
+    channels = sample.shape[1]
     for index, timestep in enumerate(tqdm(scheduler.timesteps, disable=not progress, leave=False)):
         model_output = unet(scheduler.scale_model_input(sample, timestep), timestep).sample
-        previous = scheduler.step(model_output, timestep, sample, generator=generator).prev_sample
-        yield index, timestep, sample, model_output, previous
+        step_input = model_output if takes_learned_variance(scheduler) else model_output[:, :channels]
+        previous = scheduler.step(step_input, timestep, sample, generator=generator).prev_sample
+        yield index, timestep, sample, model_output[:, :channels], previous
         sample = previous
+
+
+def takes_learned_variance(scheduler) -> bool:
+    """Whether the scheduler's step splits a learned variance off the model output itself (DDPM, DPM-Solver++).
+
+    Asked of its class, not its config: DDIMScheduler.from_config keeps a DDPM config's variance_type unused.
+    """
+    takes_variance = "variance_type" in inspect.signature(type(scheduler).__init__).parameters
+    return takes_variance and scheduler.config.variance_type == LEARNED_VARIANCE
 
 
 def denoise(
@@ -102,10 +118,14 @@ def sample(
     return to_pil(torch.cat(images))
 
 
+def to_numpy(samples: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1], (B, C, H, W), to (B, H, W, C) floats in [0, 1]: DDPMPipeline's `output_type="np"`."""
+    return (samples / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+
+
 def to_pil(samples: torch.Tensor) -> list[Image.Image]:
     """Images in [-1, 1], (B, C, H, W), to PIL images (as DDPMPipeline converts them)."""
-    array = (samples / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
-    return DiffusionPipeline.numpy_to_pil(array)
+    return DiffusionPipeline.numpy_to_pil(to_numpy(samples))
 
 
 def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:

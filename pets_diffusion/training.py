@@ -13,12 +13,13 @@ from accelerate.logging import get_logger
 from accelerate.utils import is_compiled_module, set_seed
 from tqdm.auto import tqdm
 
-from . import components
+from . import components, ema_selection
 from .checkpoints import checkpoint_step, register_model_hooks, resolve_checkpoint, save_checkpoint, save_pipeline
 from .data import TrainingImages, augmentation, prepare_images
 from .layout import chosen_memory_format
-from .objective import diffusion_loss
+from .objective import DEFAULT_VLB_WEIGHT, LEARNED_VARIANCE, DiffusionTerms, diffusion_loss
 from .options import UsageError, build_model_config, parse_args, validate_args
+from .posthoc_ema import remove_snapshots_after
 from .reports import EMAWeights, device_name, hparams, push_run, write_sample_grid, write_summary
 from .unet import PetsUNet2DModel
 from .validation import check_held_out_count, split_validation, write_held_out
@@ -76,6 +77,7 @@ class TrainLoop:
             self.accelerator.init_trackers("train_unconditional", config=hparams(args))
         self.global_step, self.first_epoch, self.batches_to_skip, self.resumed_from = 0, 0, 0, None
         self.steps_this_run, self.images_per_second, self.out_of_time = 0, 0.0, False
+        self.post_hoc_choice = None  # what choose_post_hoc_ema picked, for the summary
         self.accumulated_loss = torch.zeros((), device=self.accelerator.device)
 
     # -- set-up ---------------------------------------------------------------------------------------
@@ -104,8 +106,12 @@ class TrainLoop:
         if args.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.noise_scheduler = components.make_noise_scheduler(args)
+        self.terms = None  # the bound's terms, which a learned variance trains on (L_hybrid)
+        if args.variance_type == LEARNED_VARIANCE:
+            self.terms = DiffusionTerms(self.noise_scheduler, self.accelerator.device, torch.float32)
         self.ema = components.make_ema(args, self.model)
-        register_model_hooks(self.accelerator, self.ema)
+        self.post_hoc = components.make_post_hoc_ema(args, self.model)
+        register_model_hooks(self.accelerator, self.ema, self.post_hoc)
 
     def build_data(self, images) -> None:
         """Serve the decoded images augmented, in a seeded order per epoch."""
@@ -133,6 +139,8 @@ class TrainLoop:
             logger.info("The UNet runs compiled (torch.compile, inductor); the first steps include compiling it")
         if self.ema is not None:
             self.ema.to(self.accelerator.device)
+        if self.post_hoc is not None:
+            self.post_hoc.to(self.accelerator.device)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
 
     def resume(self) -> None:
@@ -146,6 +154,8 @@ class TrainLoop:
         self.accelerator.load_state(str(checkpoint))
         self.resumed_from = checkpoint
         self.global_step = checkpoint_step(checkpoint)
+        if self.post_hoc is not None and self.accelerator.is_main_process:
+            remove_snapshots_after(self.args.output_dir, self.global_step)  # this run redoes them
         self.first_epoch = self.global_step // self.steps_per_epoch
         self.batches_to_skip = (self.global_step % self.steps_per_epoch) * self.args.gradient_accumulation_steps
         logger.info(f"Resumed from {checkpoint} at step {self.global_step}, epoch {self.first_epoch}")
@@ -196,11 +206,15 @@ class TrainLoop:
             self.ema.step(self.model.parameters())
         self.global_step += 1
         self.steps_this_run += 1
+        if self.post_hoc is not None:
+            self.post_hoc.step(self.model.parameters(), self.global_step)
         return True
 
     def forward_backward(self, batch: dict) -> None:
         clean_images = batch["input"].contiguous(memory_format=self.memory_format)
-        loss = diffusion_loss(self.model, self.noise_scheduler, clean_images, self.args.snr_gamma)
+        args = self.args
+        vlb_weight = args.vlb_weight if args.vlb_weight is not None else DEFAULT_VLB_WEIGHT
+        loss = diffusion_loss(self.model, self.noise_scheduler, clean_images, args.snr_gamma, self.terms, vlb_weight)
         self.accumulated_loss += loss.detach() / self.args.gradient_accumulation_steps
         self.accelerator.backward(loss)
 
@@ -236,6 +250,8 @@ class TrainLoop:
             self.accelerator.wait_for_everyone()
         if args.max_train_time is not None:
             self.out_of_time = components.time_is_up(self.accelerator, self.started, args.max_train_time, step)
+        if self.post_hoc is not None and (step % args.post_hoc_ema_every == 0 or self.finished):
+            self.save_snapshots()
         if (args.checkpointing_steps and step % args.checkpointing_steps == 0) or self.out_of_time:
             self.save_checkpoint()
         if args.save_images_steps and (step % args.save_images_steps == 0 or self.out_of_time):
@@ -248,7 +264,7 @@ class TrainLoop:
         if not args.save_images_steps and (epoch % args.save_images_epochs == 0 or last_epoch):
             self.save_samples()
         if epoch % args.save_model_epochs == 0 or last_epoch:
-            self.save_model(f"Epoch {epoch}, step {self.global_step}")
+            self.save_model(f"Epoch {epoch}, step {self.global_step}", final=last_epoch)
 
     def log_step(self, epoch: int) -> None:
         now = time.perf_counter()
@@ -276,23 +292,43 @@ class TrainLoop:
             self.accelerator, args.output_dir, self.global_step, args.checkpoints_total_limit, self.resumed_from
         )
 
+    def save_snapshots(self) -> None:
+        """The post-hoc EMAs at this step, for choosing the EMA after training (EDM2)."""
+        if self.accelerator.is_main_process:
+            self.post_hoc.save_snapshots(self.args.output_dir, self.global_step)
+
     def save_samples(self) -> None:
         if self.accelerator.is_main_process:
             with EMAWeights(self.ema, self.unwrapped) as unet:
                 write_sample_grid(unet, self.noise_scheduler, self.args, self.accelerator, self.global_step)
         self.accelerator.wait_for_everyone()
 
-    def save_model(self, commit_message: str) -> None:
-        """Save the (EMA) pipeline and the run summary the model card reads; push it when asked."""
+    def save_model(self, commit_message: str, final: bool = False) -> None:
+        """Save the (EMA) pipeline and the run summary the model card reads; at the end choose the post-hoc EMA;
+        push it when asked."""
         if self.accelerator.is_main_process:
             with EMAWeights(self.ema, self.unwrapped) as unet:
                 save_pipeline(unet, self.noise_scheduler, self.args.output_dir)
                 if self.validation is not None:
                     self.validation.log_bits_per_dim(unet, self.noise_scheduler, self.accelerator, self.global_step)
             write_summary(self.args.output_dir, self.describe())
+            if final and self.post_hoc is not None and self.validation is not None:
+                self.choose_post_hoc_ema()
             if self.args.push_to_hub:
                 push_run(self.args, commit_message)
         self.accelerator.wait_for_everyone()
+
+    def choose_post_hoc_ema(self) -> None:
+        """Reconstruct EMAs of several widths, measure them on the held-out images, keep the best as the pipeline."""
+        unet = PetsUNet2DModel.from_pretrained(self.args.output_dir, subfolder="unet").to(self.accelerator.device)
+        validation = self.validation
+        with self.accelerator.autocast():
+            result = ema_selection.choose(
+                self.args.output_dir, unet, self.noise_scheduler, validation.images, select_by="bpd",
+                nll_timesteps=validation.bpd_timesteps, batch_size=validation.batch_size,
+            )  # fmt: skip
+        logger.info(f"Post-hoc EMA by held-out bits/dim, chosen: {result['chosen']}\n{result['table']}")
+        self.post_hoc_choice = result["record"]
 
     # -- the end --------------------------------------------------------------------------------------
 
@@ -316,6 +352,7 @@ class TrainLoop:
             "device": str(accelerator.device),
             "device_name": device_name(accelerator.device),
             "mixed_precision": accelerator.mixed_precision,
+            "variance_type": self.noise_scheduler.config.variance_type,
             "channels_last": self.memory_format == torch.channels_last,
             "global_step": self.global_step,
             "steps_this_run": self.steps_this_run,
@@ -328,4 +365,5 @@ class TrainLoop:
             "parameters": self.unwrapped.num_parameters(),
             "stopped_by_time_budget": self.out_of_time,
             **({"validation": dict(self.validation.results)} if self.validation is not None else {}),
+            **({"post_hoc_ema": self.post_hoc_choice} if self.post_hoc_choice is not None else {}),
         }

@@ -156,7 +156,7 @@ class PetsUNet2DModel(ModelMixin, ConfigMixin):
         self,
         sample_size: int = 64,  # height and width of the images the model is made for
         in_channels: int = 3,  # channels of the input image
-        out_channels: int = 3,  # channels of the prediction
+        out_channels: int = 3,  # channels of the prediction (twice in_channels when it includes a learned variance)
         block_out_channels: tuple[int, ...] = (128, 256, 256, 512),  # width of each encoder level
         layers_per_block: int = 2,  # residual blocks per encoder level (decoder levels have one more)
         attention_resolutions: tuple[int, ...] = (32, 16, 8),  # feature-map sizes with attention

@@ -188,7 +188,13 @@ def test_memorization_finds_a_model_that_copies_its_training_images(image_sets, 
                           "--steps", "2", "--batch-size", "6")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "pipe" / "evaluation.json").read_text())
-    assert 0.0 <= report["metrics"]["memorization_share"] <= 1.0
+    share, metrics = report["metrics"]["memorization_share"], report["metrics"]
+    assert (share * 6) == round(share * 6)  # a share of the 6 samples
+    # More than half the samples below the held-out median puts their median below it, fewer puts it above.
+    if share > 0.5:
+        assert metrics["median_sample_distance"] < metrics["median_heldout_distance"]
+    if share < 0.5:
+        assert metrics["median_sample_distance"] >= metrics["median_heldout_distance"]
     assert report["protocol"]["train_reference"] == str(image_sets["flat"])
     assert report["protocol"]["generated_images"] == 6
     picture = Image.open(tmp_path / "pipe" / "memorization.png")
@@ -208,7 +214,7 @@ def _unreadable_images(folder: Path) -> Path:
         ("missing", "missing-folder"),
         ("empty", "doesn't contain any data files; give a folder of images"),
         ("unreadable", "no readable images"),
-        ("learned", "learned variance is not supported"),
+        ("learned", "the scheduler says learned_range but the model has no variance channels"),
         ("no-train-reference", "memorization needs the training images"),
         ("unknown-metric", "unknown metric(s) bpd"),
         ("heldout-of-a-plain-pipeline", "records no held-out images"),

@@ -12,13 +12,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from diffusers import DDPMScheduler
 
-from pets_diffusion import PetsUNet2DModel
+from pets_diffusion import PetsUNet2DModel, sampling
 from pets_diffusion.checkpoints import save_pipeline
+from pets_diffusion.hardware import describe_cpu
 from pets_diffusion.hub import export_for_hub
 
 from .conftest import randomise_zero_inits
@@ -153,6 +155,70 @@ def test_push_then_load_with_only_diffusers(hub, training_output, tmp_path):
     assert "sampled 2" in load.stdout
 
 
+LEARNED_VARIANCE_WITH_ONLY_DIFFUSERS = """
+import sys
+sys.modules["pets_diffusion"] = None  # this process cannot import pets_diffusion
+import numpy, torch
+from diffusers import DDIMScheduler, DDPMPipeline, DPMSolverMultistepScheduler
+pipeline = DDPMPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+pipeline.set_progress_bar_config(disable=True)
+assert pipeline.scheduler.config.variance_type == "learned_range" and pipeline.unet.config.out_channels == 6
+def draw(steps):
+    generator = torch.Generator().manual_seed(0)
+    return pipeline(batch_size=2, num_inference_steps=steps, generator=generator, output_type="np").images
+numpy.save(sys.argv[2], draw(10))  # DDPM respaced to 10 of 20 steps, with the learned variances
+original = pipeline.scheduler
+pipeline.scheduler = DPMSolverMultistepScheduler.from_config(original.config)
+assert numpy.isfinite(draw(5)).all()
+pipeline.scheduler = DDIMScheduler.from_config(original.config)
+try:
+    draw(5)
+except RuntimeError as error:  # DDIM's step does not split the variance channels off: an error, not garbage
+    assert "size of tensor a (3) must match the size of tensor b (6)" in str(error), error
+    print("ddim refused")
+else:
+    raise SystemExit("DDIMScheduler sampled a learned-variance model")
+"""
+
+
+def test_a_learned_variance_model_trains_pushes_and_samples_with_only_diffusers(hub, tmp_path):
+    from .helpers import launch, make_image_folder, tiny_training_args, write_tiny_config
+
+    output = tmp_path / "learned"
+    data = make_image_folder(tmp_path / "images", count=8)
+    launch(tiny_training_args(data, write_tiny_config(tmp_path / "tiny.json"), output, "--max_train_steps", "3",
+                              "--save_images_steps", "3", "--checkpointing_steps", "100",
+                              "--variance_type", "learned_range", "--vlb_weight", "0.01"))  # fmt: skip
+    assert json.loads((output / "scheduler" / "scheduler_config.json").read_text())["variance_type"] == "learned_range"
+    assert json.loads((output / "unet" / "config.json").read_text())["out_channels"] == 6
+    assert json.loads((output / "train_summary.json").read_text())["variance_type"] == "learned_range"
+    assert (output / "samples" / "step-0000003.png").is_file()  # the training grid samples with the variances
+    assert push(hub, tmp_path, output, "tester/learned").returncode == 0
+    card = hub.state.repos["tester/learned"].branches["main"]["README.md"].decode()
+    assert "learned (`learned_range`, improved DDPM" in card and "L_simple + 0.01 L_vlb" in card
+    assert "DDIMScheduler` does not split the variance channels off" in card
+
+    load = subprocess.run(
+        [sys.executable, "-c", LEARNED_VARIANCE_WITH_ONLY_DIFFUSERS, "tester/learned", str(tmp_path / "ddpm10")],
+        env=hub_env(hub, tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert load.returncode == 0, load.stderr[-3000:]
+    assert "ddim refused" in load.stdout
+    # Plain diffusers drew what pets-diffusion draws; with the variances fixed instead, the images differ.
+    unet = PetsUNet2DModel.from_pretrained(output / "unet").eval()
+    scheduler = DDPMScheduler.from_pretrained(output / "scheduler")
+
+    def draw(scheduler):
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            return sampling.to_numpy(sampling.denoise(unet, scheduler, sampling.initial_noise(unet, 2, generator),
+                                                      10, generator))  # fmt: skip
+
+    ours = draw(scheduler)
+    np.testing.assert_allclose(np.load(tmp_path / "ddpm10.npy"), ours, atol=1e-5)
+    assert np.abs(draw(DDPMScheduler.from_config(scheduler.config, variance_type="fixed_small")) - ours).max() > 1e-3
+
+
 def test_loading_without_trust_remote_code_is_refused_by_diffusers(hub, training_output, tmp_path):
     assert push(hub, tmp_path, training_output, "tester/refuse-me").returncode == 0
     code = "import sys; from diffusers import DDPMPipeline; DDPMPipeline.from_pretrained(sys.argv[1])"
@@ -283,7 +349,7 @@ def test_training_pushes_at_each_model_save(hub, tmp_path):
     assert repo.private and len(repo.commits) == 2  # 8 images in batches of 4: a model save after each epoch
     assert set(repo.branches["main"]) == EXPECTED_REPO_FILES
     card = repo.branches["main"]["README.md"].decode()
-    assert "8 images" in card and "CPU (" in card
+    assert "8 images" in card and f"CPU: {describe_cpu()}, {os.cpu_count()} cores" in card
     assert json.loads(repo.branches["main"]["model_index.json"])["unet"] == ["pets_unet", "PetsUNet2DModel"]
 
 
