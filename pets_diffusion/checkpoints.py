@@ -1,16 +1,31 @@
 """Checkpoints and pipeline folders: naming, resolving, pruning, atomic saving, Accelerate's save/load hooks."""
 
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from diffusers import DDPMPipeline, DDPMScheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from .posthoc_ema import PowerFunctionEMA
+from .runlock import LOCK_FILE, NOTE_FILE
+from .storage import (
+    MANIFEST,
+    DamagedFolder,
+    DiskFull,
+    folder_bytes,
+    free_bytes,
+    is_disk_full,
+    megabytes,
+    read_manifest,
+    verify,
+    write_manifest,
+)
 from .unet import PetsUNet2DModel
 
 logger = logging.getLogger(__name__)
@@ -40,6 +55,71 @@ def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str) -> Path | N
     return path if path.is_dir() else Path(output_dir) / path
 
 
+def intact_checkpoint(output_dir: str, resume_from_checkpoint: str) -> Path | None:
+    """The checkpoint to resume from, checked against its manifest (sizes and checksums).
+
+    `latest` skips damaged checkpoints with a warning naming each and takes the newest intact one (None
+    if there are none at all); an explicitly named damaged checkpoint raises DamagedFolder. One saved
+    before manifests existed can still be named explicitly (with a warning): nothing can check it.
+    """
+    if resume_from_checkpoint != "latest":
+        checkpoint = resolve_checkpoint(output_dir, resume_from_checkpoint)
+        if read_manifest(checkpoint) is None:
+            logger.warning(f"{checkpoint} has no {MANIFEST}: it cannot be checked; resuming from it as named")
+            return checkpoint
+        try:
+            verify(checkpoint)
+        except DamagedFolder as error:
+            raise DamagedFolder(f"--resume_from_checkpoint {resume_from_checkpoint} is damaged: {error}; "
+                                "resume from another checkpoint, or `latest`.") from None  # fmt: skip
+        return checkpoint
+    checkpoints = complete_checkpoints(output_dir)
+    for checkpoint in reversed(checkpoints):
+        try:
+            verify(checkpoint)
+            return checkpoint
+        except DamagedFolder as error:
+            logger.warning(f"Skipping damaged {checkpoint}: {error}")
+    if checkpoints:
+        raise DamagedFolder(
+            f"every checkpoint in {output_dir} is damaged ({', '.join(path.name for path in checkpoints)}); "
+            "restore one, name a pre-manifest one explicitly, or start a new --output_dir."
+        )
+    return None
+
+
+def shape_differences(saved: dict, current: dict) -> list[str]:
+    """What differs between the run configuration a checkpoint was saved with and this run's, one phrase each."""
+    normal = lambda value: json.loads(json.dumps(value))  # noqa: E731 - tuples and lists alike
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        if key == "unet":
+            old, new = normal(saved.get(key, {})), normal(current.get(key, {}))
+            changed = sorted(
+                name for name in set(old) | set(new) if name != "sample_size" and old.get(name) != new.get(name)
+            )
+            differences += [f"unet {name} {old.get(name)} -> {new.get(name)}" for name in changed]
+        elif normal(saved.get(key)) != normal(current.get(key)):
+            differences.append(f"{key} {saved.get(key)} -> {current.get(key)}")
+    return differences
+
+
+def empty_output_dir(output_dir: str | Path) -> None:
+    """--overwrite_output_dir: remove everything in it but this run's lock (runlock), which it holds."""
+    folder = Path(output_dir)
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if path.name in (LOCK_FILE, NOTE_FILE):
+            continue
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any process (one all-reduce; none with a single process)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item())
+
+
 def prune_checkpoints(output_dir: str | Path, total_limit: int, protected: Path | None = None) -> None:
     """Remove the oldest complete checkpoints beyond `total_limit`, never the newest nor `protected`."""
     checkpoints = complete_checkpoints(output_dir)
@@ -58,18 +138,43 @@ def save_checkpoint(
     step: int,
     total_limit: int | None,
     protected: Path | None = None,
+    shape: dict | None = None,
+    expected_bytes: int = 0,
 ) -> Path:
-    """Save the full training state to `checkpoint-<step>`: written aside, then renamed into place.
+    """Save the full training state to `checkpoint-<step>`: written aside, a manifest last, then renamed into place.
 
-    A crash while saving leaves a `.checkpoint-<step>.partial` folder that `latest` never picks.
+    A crash while saving leaves a `.checkpoint-<step>.partial` folder that `latest` never picks. A full
+    disk removes it, keeps every earlier checkpoint, and raises DiskFull on every process. `shape` (the
+    run's configuration) goes into the manifest, for resuming with the same one; `expected_bytes` is what
+    a first checkpoint will take (later ones are compared with the last one's size).
     """
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
     partial = Path(output_dir) / f".{final.name}.partial"
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
+    previous = complete_checkpoints(output_dir)
+    needed = folder_bytes(previous[-1]) if previous else expected_bytes
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        if needed and free_bytes(Path(output_dir)) < needed:
+            logger.warning(f"{megabytes(free_bytes(Path(output_dir)))} free in {output_dir}, and the last checkpoint "
+                           f"took {megabytes(needed)}: {final.name} may not fit")  # fmt: skip
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    failure = None
+    try:
+        accelerator.save_state(str(partial))
+    except Exception as error:  # noqa: BLE001 - safetensors and torch.save report a full disk in their own ways
+        if not is_disk_full(error, Path(output_dir)):
+            raise
+        failure = error
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process and failure is None:
+        try:
+            write_manifest(partial, {"step": step, "run": shape or {}})
+        except OSError as error:
+            if not is_disk_full(error, Path(output_dir)):
+                raise
+            failure = error
+    if any_process(accelerator, failure is not None):
+        _out_of_space(accelerator, partial, final.name, needed, previous)
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
@@ -81,10 +186,32 @@ def save_checkpoint(
     return final
 
 
+def _out_of_space(accelerator: Accelerator, partial: Path, name: str, needed: int, previous: list[Path]) -> None:
+    folder = partial.parent
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    intact = f"{previous[-1].name} and the pipeline are intact" if previous else "no earlier checkpoint was lost"
+    raise DiskFull(
+        f"no space left on device in {folder} while saving {name}: it needs about {megabytes(needed)}, "
+        f"{megabytes(free_bytes(folder))} are free; {intact}. Free space, then resume with "
+        "--resume_from_checkpoint latest."
+    )
+
+
 def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None, post_hoc: PowerFunctionEMA | None) -> None:
     """Make `save_state`/`load_state` write and read the UNet and its EMAs as safetensors."""
 
     def save_model_hook(models, weights, output_dir):
+        # EMAModel.save_pretrained builds a model to save, whose initialisation draws from the global RNG: without
+        # the fork, a checkpoint would change the noise of every later step, and a run that saved one at step k
+        # would differ from one that did not.
+        with torch.random.fork_rng(devices=[]):
+            _save_models(models, output_dir)
+        while weights:
+            weights.pop()
+
+    def _save_models(models, output_dir):
         if accelerator.is_main_process:
             if ema is not None:
                 ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
@@ -92,8 +219,6 @@ def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None, post_ho
                 save_file(post_hoc.state_dict(), os.path.join(output_dir, POST_HOC_EMA_FILE))
             for unet in models:
                 unet.save_pretrained(os.path.join(output_dir, "unet"))
-        while weights:
-            weights.pop()
 
     def load_model_hook(models, input_dir):
         if ema is not None:
@@ -112,14 +237,33 @@ def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None, post_ho
 
 
 def save_pipeline(unet: PetsUNet2DModel, noise_scheduler: DDPMScheduler, output_dir: str) -> None:
-    """Write `model_index.json`, `unet/` and `scheduler/` into output_dir, replacing any earlier ones whole."""
-    staging = Path(output_dir) / ".pipeline.partial"
+    """Write `model_index.json`, `unet/` and `scheduler/` into output_dir, replacing any earlier ones whole.
+
+    Everything is written into a hidden staging folder first; a full disk removes it and raises DiskFull,
+    and the previous pipeline stays as it was. Each old folder is renamed aside before the new one moves in.
+    """
+    folder = Path(output_dir)
+    staging = folder / ".pipeline.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(staging)
+    try:
+        DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(staging)
+    except Exception as error:  # noqa: BLE001 - a full disk, however the writer reports it
+        if not is_disk_full(error, folder):
+            raise
+        needed = sum(parameter.numel() * parameter.element_size() for parameter in unet.parameters())
+        shutil.rmtree(staging, ignore_errors=True)
+        intact = "the previous pipeline is intact" if (folder / "model_index.json").is_file() else "nothing was lost"
+        raise DiskFull(
+            f"no space left on device in {folder} while saving the pipeline: it needs about {megabytes(needed)}, "
+            f"{megabytes(free_bytes(folder))} are free; {intact}. Free space, then resume with "
+            "--resume_from_checkpoint latest."
+        ) from None
     for name in ("unet", "scheduler"):
-        target = Path(output_dir) / name
+        target, aside = folder / name, folder / f".{name}.old"
+        shutil.rmtree(aside, ignore_errors=True)
         if target.exists():
-            shutil.rmtree(target)
+            target.rename(aside)
         (staging / name).rename(target)
-    (staging / "model_index.json").replace(Path(output_dir) / "model_index.json")
+        shutil.rmtree(aside, ignore_errors=True)
+    (staging / "model_index.json").replace(folder / "model_index.json")
     staging.rmdir()

@@ -1,4 +1,4 @@
-"""The `pets-diffusion` command: sample, evaluate, ema, push, demo and plot-loss."""
+"""The `pets-diffusion` command: train, sample, evaluate, ema, push, demo and plot-loss."""
 
 import argparse
 import importlib.util
@@ -9,6 +9,11 @@ from .options import OneLineParser, first_line, int_range, positive_int
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # the training flags are train_unconditional.py's own, --help included
+        from .training import main as train_main
+
+        return train_main(argv[1:], prog="pets-diffusion train")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -19,8 +24,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="pets-diffusion", description="Sample, evaluate and share pets-diffusion models.")
+    parser = OneLineParser(
+        prog="pets-diffusion", description="Train, sample, evaluate and share pets-diffusion models."
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    commands.add_parser(  # handled in main(); listed here for --help
+        "train",
+        help="Train on one process, with train_unconditional.py's flags (several: accelerate launch -m "
+        "pets_diffusion.train).",
+        add_help=False,
+    )
 
     sample = commands.add_parser("sample", help="Generate images from a pipeline folder or Hub repo.")
     _add_sampler_options(sample, default_dtype="auto")

@@ -7,17 +7,20 @@ import time
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_flag_from_env
 from datasets.exceptions import DatasetNotFoundError
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from .allocator import retain_freed_memory
+from .checkpoints import any_process
 from .data import EpochSampler, TrainingImages, load_image_dataset
 from .hardware import bf16_cpu_instructions, native_bf16
+from .interruption import ignore_stop_signals
 from .options import UsageError, first_line
 from .posthoc_ema import PowerFunctionEMA
+from .runlock import OutputDirBusy, RunLock
 from .unet import PetsUNet2DModel
 
 logger = get_logger(__name__)
@@ -61,7 +64,13 @@ def resolve_mixed_precision(requested: str) -> str:
     """--mixed_precision as Accelerate takes it: `auto` is bf16 where this process's device runs it natively."""
     if requested != "auto":
         return requested
-    return "bf16" if native_bf16(PartialState().device) else "no"
+    return "bf16" if native_bf16(process_state().device) else "no"
+
+
+def process_state() -> PartialState:
+    """Accelerate's process state before the Accelerator exists, set up as the Accelerator will set it up
+    (`accelerate launch --cpu` says so through ACCELERATE_USE_CPU, which PartialState alone does not read)."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def load_training_images(args):
@@ -117,6 +126,24 @@ def make_noise_scheduler(args) -> DDPMScheduler:
     )
 
 
+def lock_output_dir(output_dir: str) -> RunLock | None:
+    """Take --output_dir's lock on the main process (the others get None); every process refuses together."""
+    state = process_state()
+    lock, message = RunLock(output_dir), None
+    if state.is_main_process:
+        try:
+            lock.acquire()
+        except OutputDirBusy as error:
+            message = str(error)
+    if state.num_processes > 1:
+        shared = [message]
+        broadcast_object_list(shared)
+        message = shared[0]
+    if message is not None:
+        raise OutputDirBusy(message)
+    return lock if state.is_main_process else None
+
+
 def make_dataloader(args, dataset: TrainingImages, seed: int, device: torch.device) -> torch.utils.data.DataLoader:
     """Batches in a seeded order per epoch (EpochSampler); no worker seed draws from the global RNG."""
     return torch.utils.data.DataLoader(
@@ -125,6 +152,7 @@ def make_dataloader(args, dataset: TrainingImages, seed: int, device: torch.devi
         sampler=EpochSampler(len(dataset), seed),
         generator=torch.Generator().manual_seed(seed),
         num_workers=args.dataloader_num_workers,
+        worker_init_fn=ignore_stop_signals,
         persistent_workers=args.dataloader_num_workers > 0,
         pin_memory=device.type == "cuda",
     )
@@ -152,8 +180,7 @@ def make_optimizer(args, model: torch.nn.Module, accelerator: Accelerator, max_t
 
 def time_is_up(accelerator: Accelerator, started: float, budget_s: float, step: int) -> bool:
     """Whether --max_train_time is spent since `started`; any process's clock stops all, at the same step."""
-    spent = time.perf_counter() - started >= budget_s
-    if not accelerator.reduce(torch.tensor(float(spent), device=accelerator.device), "sum").item():
+    if not any_process(accelerator, time.perf_counter() - started >= budget_s):
         return False
     logger.info(
         f"--max_train_time spent ({time.perf_counter() - started:.0f} s) at step {step}: "

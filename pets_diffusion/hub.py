@@ -76,14 +76,29 @@ def push_to_hub(
 
 
 def export_space(model_repo_id: str, export_dir: str | Path) -> Path:
-    """Write a Gradio Space that serves `model_repo_id`: app.py, requirements.txt and its README metadata."""
+    """Write a Gradio Space that serves `model_repo_id`: app.py, the demo's modules, requirements.txt, README.
+
+    The Space needs no pets-diffusion release: it carries the demo's own modules (copied from this
+    installed version into `pets_diffusion_demo/`, as the UNet's module travels with a model), so its
+    requirements are torch, diffusers and Gradio alone. (A wheel in the Space would not do: a Space
+    installs requirements.txt before the repository's other files are there.)
+    """
+    import diffusers
     import gradio
 
     from . import __version__
 
     export_dir = Path(export_dir)
-    (export_dir / "app.py").write_text(SPACE_APP.format(model=model_repo_id))
-    (export_dir / "requirements.txt").write_text(f"pets-diffusion[demo]=={__version__}\ngradio=={gradio.__version__}\n")
+    package = export_dir / SPACE_PACKAGE
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(
+        f'"""The demo page of pets-diffusion {__version__}, copied for this Space."""\n'
+    )
+    for name in SPACE_MODULES:
+        shutil.copyfile(Path(__file__).with_name(name), package / name)
+    (export_dir / "app.py").write_text(SPACE_APP.format(model=model_repo_id, package=SPACE_PACKAGE))
+    requirements = f"torch>=2.4\ndiffusers=={diffusers.__version__}\ngradio=={gradio.__version__}\n"
+    (export_dir / "requirements.txt").write_text(requirements)
     card_data = SpaceCardData(
         title=f"pets-diffusion: {model_repo_id.split('/')[-1]}"[:60],
         sdk="gradio",
@@ -135,16 +150,20 @@ def _commit_folder(api: HfApi, repo_id, folder, repo_type, private, revision, me
     return commit.commit_url
 
 
+SPACE_MODULES = ("objective.py", "sampling.py", "hardware.py", "demo.py")  # demo.py and what it imports
+SPACE_PACKAGE = "pets_diffusion_demo"
 SPACE_APP = '''"""A Gradio Space for {model}: pets from an unconditional DDPM (pets-diffusion)."""
 
 import torch
 from diffusers import DDPMPipeline
 
-from pets_diffusion.demo import build_demo, card_facts, launch
+from {package}.demo import build_demo, card_facts, launch
+from {package}.hardware import auto_dtype
 
 MODEL = "{model}"
 pipeline = DDPMPipeline.from_pretrained(MODEL, trust_remote_code=True)  # the UNet's code ships with the model
-unet = pipeline.unet.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+device = "cuda" if torch.cuda.is_available() else "cpu"
+unet = pipeline.unet.to(device, auto_dtype(device)).eval()  # bf16 where the chip runs it natively
 demo = build_demo(unet, pipeline.scheduler.config, f"pets-diffusion: {{MODEL}}", card_facts(None, unet))
 launch(demo, host=None, port=None, share=False, max_queue=16)  # Gradio's own defaults, which Spaces set
 '''
@@ -154,6 +173,9 @@ SPACE_README = """# pets-diffusion demo
 Press **Generate** to watch an unconditional DDPM turn noise into cats and dogs. The model card of
 the model this Space serves says how it was trained and how well it does. The same seed, scheduler
 and steps give the same images as `pets-diffusion sample MODEL --seed SEED` (up to 16 images).
+
+The page is pets-diffusion's own demo, whose modules this Space carries in `pets_diffusion_demo/`:
+it needs only torch, diffusers and Gradio.
 """
 
 

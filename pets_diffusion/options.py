@@ -92,10 +92,10 @@ def duration(text: str) -> float:
     return seconds
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "train_unconditional.py") -> argparse.ArgumentParser:
     """The parser: the same flags, meanings and defaults as diffusers' unconditional example, plus ours."""
     parser = OneLineParser(
-        prog="train_unconditional.py",
+        prog=prog,
         description="Train PetsUNet2DModel as an unconditional DDPM (diffusers-compatible flags).",
     )
     add = parser.add_argument
@@ -243,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser  # fmt: skip
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str = "train_unconditional.py") -> argparse.Namespace:
     """Parse `argv` (default: sys.argv); LOCAL_RANK from the launcher wins over --local_rank."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1:
         args.local_rank = env_local_rank
@@ -317,6 +317,12 @@ def _check_resolution(args: argparse.Namespace) -> None:
             f"--resolution {args.resolution} is not a multiple of {factor}, the UNet's total downsampling; "
             f"use e.g. {max(factor, args.resolution // factor * factor)}."
         )
+    try:  # every other check of the config, on the meta device: no memory, no time
+        with torch.device("meta"):
+            PetsUNet2DModel.from_config(config)
+    except ValueError as error:
+        source = args.model_config_name_or_path or "the default model"
+        raise UsageError(f"{source} at --resolution {args.resolution}: {first_line(error)}") from None
 
 
 def build_model_config(args: argparse.Namespace) -> dict:

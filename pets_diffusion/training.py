@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,43 +13,73 @@ from accelerate.utils import is_compiled_module, set_seed
 from tqdm.auto import tqdm
 
 from . import components, ema_selection
-from .checkpoints import checkpoint_step, register_model_hooks, resolve_checkpoint, save_checkpoint, save_pipeline
+from .checkpoints import (
+    any_process,
+    checkpoint_step,
+    empty_output_dir,
+    intact_checkpoint,
+    register_model_hooks,
+    save_checkpoint,
+    save_pipeline,
+    shape_differences,
+)
 from .data import TrainingImages, augmentation, prepare_images
+from .interruption import EXIT_INTERRUPTED, StopRequests, ignore_stop_signals
 from .layout import chosen_memory_format
 from .objective import DEFAULT_VLB_WEIGHT, LEARNED_VARIANCE, DiffusionTerms, diffusion_loss
 from .options import UsageError, build_model_config, parse_args, validate_args
 from .posthoc_ema import remove_snapshots_after
 from .reports import EMAWeights, device_name, hparams, push_run, write_sample_grid, write_summary
+from .runlock import OutputDirBusy
+from .storage import DamagedFolder, DiskFull, read_manifest
 from .unet import PetsUNet2DModel
 from .validation import check_held_out_count, split_validation, write_held_out
 
 logger = get_logger(__name__)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of `train_unconditional.py`: bad arguments end in one line and exit status 2."""
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "train_unconditional.py") -> None:
+    """Entry point of `train_unconditional.py`: bad arguments and damaged checkpoints end in one line and exit
+    status 2; a diverged loss, a full disk or another run in --output_dir in one line and 1; a stop on SIGTERM or
+    SIGINT, after its checkpoint, in EXIT_INTERRUPTED (75)."""
+    args = parse_args(argv, prog)
     try:
         validate_args(args)
         train(args)
-    except UsageError as error:
-        print(f"train_unconditional.py: error: {error}", file=sys.stderr)
+    except (UsageError, DamagedFolder) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except TrainingDiverged as error:
-        print(f"train_unconditional.py: error: {error}", file=sys.stderr)
+    except (TrainingDiverged, DiskFull, OutputDirBusy) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    except Interrupted as stop:
+        ignore_stop_signals()  # saved and stopping: more signals must not turn the exit status into a signal's
+        print(f"{prog}: {stop}", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class Interrupted(RuntimeError):
+    """SIGTERM or SIGINT stopped the run after saving a checkpoint; the message says how to resume."""
+
+
 def train(args) -> dict:
-    """Train, checkpoint and save a DDPMPipeline as the arguments say; return the run summary."""
-    loop = TrainLoop(args)
-    loop.resume()
-    loop.run_loop()
-    return loop.finish()
+    """Train, checkpoint and save a DDPMPipeline as the arguments say; return the run summary.
+
+    The run holds --output_dir's lock throughout: a second run there is refused at once.
+    """
+    lock = components.lock_output_dir(args.output_dir)
+    try:
+        loop = TrainLoop(args)
+        loop.resume()
+        loop.run_loop()
+        return loop.finish()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 class TrainLoop:
@@ -76,7 +105,7 @@ class TrainLoop:
         if self.accelerator.is_main_process:
             self.accelerator.init_trackers("train_unconditional", config=hparams(args))
         self.global_step, self.first_epoch, self.batches_to_skip, self.resumed_from = 0, 0, 0, None
-        self.steps_this_run, self.images_per_second, self.out_of_time = 0, 0.0, False
+        self.steps_this_run, self.images_per_second, self.out_of_time, self.interrupted = 0, 0.0, False, False
         self.post_hoc_choice = None  # what choose_post_hoc_ema picked, for the summary
         self.accumulated_loss = torch.zeros((), device=self.accelerator.device)
 
@@ -87,7 +116,7 @@ class TrainLoop:
         args = self.args
         if self.accelerator.is_main_process:
             if args.overwrite_output_dir:
-                shutil.rmtree(args.output_dir, ignore_errors=True)
+                empty_output_dir(args.output_dir)
             os.makedirs(args.output_dir, exist_ok=True)
             arguments = {key: value for key, value in vars(args).items() if key != "hub_token"}
             Path(args.output_dir, "training_args.json").write_text(json.dumps(arguments, indent=2) + "\n")
@@ -147,10 +176,17 @@ class TrainLoop:
         """Load the checkpoint --resume_from_checkpoint names, and find where in which epoch it stopped."""
         if not self.args.resume_from_checkpoint:
             return
-        checkpoint = resolve_checkpoint(self.args.output_dir, self.args.resume_from_checkpoint)
+        checkpoint = intact_checkpoint(self.args.output_dir, self.args.resume_from_checkpoint)
         if checkpoint is None:
             logger.info("No checkpoint to resume from yet: starting a new run.")
             return
+        saved = (read_manifest(checkpoint) or {}).get("run")
+        differences = shape_differences(saved, self.run_shape()) if saved else []
+        if differences:
+            raise UsageError(
+                f"{checkpoint.name} was saved by a run set up otherwise ({'; '.join(differences)}); resume with "
+                "the settings it was saved with, or train in a new --output_dir."
+            )
         self.accelerator.load_state(str(checkpoint))
         self.resumed_from = checkpoint
         self.global_step = checkpoint_step(checkpoint)
@@ -171,6 +207,8 @@ class TrainLoop:
             disable=not self.accelerator.is_local_main_process,
         )
         self.step_started = time.perf_counter()
+        self.stop_requests = StopRequests()
+        self.stop_requests.install()
         for epoch in range(self.first_epoch, self.num_epochs):
             self.model.train()
             for batch in self.batches(epoch):
@@ -178,14 +216,18 @@ class TrainLoop:
                     self.at_step_end(epoch)
                     if self.finished:
                         break
+            if self.interrupted:
+                break
             self.at_epoch_end(epoch)
             if self.finished:
                 break
         self.progress.close()
+        if self.interrupted:
+            self.stop_interrupted()
 
     @property
     def finished(self) -> bool:
-        return self.global_step >= self.max_train_steps or self.out_of_time
+        return self.global_step >= self.max_train_steps or self.out_of_time or self.interrupted
 
     def batches(self, epoch: int):
         """The epoch's batches; after a resume, without those the checkpoint had already trained on."""
@@ -250,10 +292,14 @@ class TrainLoop:
             self.accelerator.wait_for_everyone()
         if args.max_train_time is not None:
             self.out_of_time = components.time_is_up(self.accelerator, self.started, args.max_train_time, step)
-        if self.post_hoc is not None and (step % args.post_hoc_ema_every == 0 or self.finished):
+        self.interrupted = any_process(self.accelerator, self.stop_requests.requested is not None)
+        run_ends = self.finished and not self.interrupted  # a stop on a signal saves its state in the checkpoint
+        if self.post_hoc is not None and (step % args.post_hoc_ema_every == 0 or run_ends):
             self.save_snapshots()
-        if (args.checkpointing_steps and step % args.checkpointing_steps == 0) or self.out_of_time:
+        if (args.checkpointing_steps and step % args.checkpointing_steps == 0) or self.out_of_time or self.interrupted:
             self.save_checkpoint()
+        if self.interrupted:  # a notice before a kill: the checkpoint only, the rest when the run resumes
+            return
         if args.save_images_steps and (step % args.save_images_steps == 0 or self.out_of_time):
             self.save_samples()
 
@@ -288,8 +334,29 @@ class TrainLoop:
 
     def save_checkpoint(self) -> None:
         args = self.args
-        save_checkpoint(
-            self.accelerator, args.output_dir, self.global_step, args.checkpoints_total_limit, self.resumed_from
+        states = 3 + (self.ema is not None) + 2 * (self.post_hoc is not None)  # weights, Adam's two moments, EMAs
+        expected = states * sum(parameter.numel() * 4 for parameter in self.unwrapped.parameters())
+        save_checkpoint(self.accelerator, args.output_dir, self.global_step, args.checkpoints_total_limit,
+                        self.resumed_from, self.run_shape(), expected)  # fmt: skip
+
+    def run_shape(self) -> dict:
+        """What a checkpoint can only be resumed with: the model, the data's shape, the processes, the diffusion."""
+        args = self.args
+        names = ("resolution", "train_batch_size", "gradient_accumulation_steps", "prediction_type", "variance_type",
+                 "ddpm_num_steps", "ddpm_beta_schedule", "use_ema", "post_hoc_ema")  # fmt: skip
+        shape = {name: getattr(args, name) for name in names}
+        return {"unet": build_model_config(args), "num_processes": self.accelerator.num_processes, **shape}
+
+    def stop_interrupted(self) -> None:
+        """After the checkpoint a signal asked for: record the stop, then end with Interrupted."""
+        name = self.stop_requests.requested or "a signal on another process"
+        summary = {**self.describe(), "interrupted": {"by": name, "step": self.global_step}}
+        if self.accelerator.is_main_process:
+            write_summary(self.args.output_dir, summary)
+        self.accelerator.end_training()
+        raise Interrupted(
+            f"stopped by {name} at step {self.global_step}, saved as checkpoint-{self.global_step}; resume with the "
+            f"same command and --resume_from_checkpoint latest (exit status {EXIT_INTERRUPTED})."
         )
 
     def save_snapshots(self) -> None:
@@ -306,17 +373,26 @@ class TrainLoop:
     def save_model(self, commit_message: str, final: bool = False) -> None:
         """Save the (EMA) pipeline and the run summary the model card reads; at the end choose the post-hoc EMA;
         push it when asked."""
+        failure = None
         if self.accelerator.is_main_process:
-            with EMAWeights(self.ema, self.unwrapped) as unet:
-                save_pipeline(unet, self.noise_scheduler, self.args.output_dir)
-                if self.validation is not None:
-                    self.validation.log_bits_per_dim(unet, self.noise_scheduler, self.accelerator, self.global_step)
-            write_summary(self.args.output_dir, self.describe())
-            if final and self.post_hoc is not None and self.validation is not None:
-                self.choose_post_hoc_ema()
-            if self.args.push_to_hub:
+            try:
+                self.save_and_measure_pipeline(final)
+            except DiskFull as error:
+                failure = error
+            if failure is None and self.args.push_to_hub:
                 push_run(self.args, commit_message)
+        if any_process(self.accelerator, failure is not None):  # every process stops, not only the one that saved
+            raise failure or DiskFull("the main process ran out of disk space saving the pipeline; see its error")
         self.accelerator.wait_for_everyone()
+
+    def save_and_measure_pipeline(self, final: bool) -> None:
+        with EMAWeights(self.ema, self.unwrapped) as unet:
+            save_pipeline(unet, self.noise_scheduler, self.args.output_dir)
+            if self.validation is not None:
+                self.validation.log_bits_per_dim(unet, self.noise_scheduler, self.accelerator, self.global_step)
+        write_summary(self.args.output_dir, self.describe())
+        if final and self.post_hoc is not None and self.validation is not None:
+            self.choose_post_hoc_ema()
 
     def choose_post_hoc_ema(self) -> None:
         """Reconstruct EMAs of several widths, measure them on the held-out images, keep the best as the pipeline."""

@@ -18,10 +18,10 @@ Layout at the default config (64x64 input)::
 
 import torch
 import torch.nn.functional as F
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 from torch import nn
 
 
@@ -141,12 +141,16 @@ class Upsample(nn.Module):
         return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
 
 
-class PetsUNet2DModel(ModelMixin, ConfigMixin):
+class PetsUNet2DModel(UNet2DModel):
     """A DDPM attention UNet: residual blocks, self-attention at chosen resolutions, skip connections.
 
     Every encoder level ends in a downsample, so a 64x64 input with four levels meets the
     bottleneck (res + attention + res) at 4x4. The model predicts what the scheduler was configured
     for (epsilon, v or the sample); it does not know which.
+
+    It is a UNet2DModel by interface: the same call (sample, timestep, return_dict) -> UNet2DOutput and
+    config keys where the concepts agree, so DDPMPipeline takes it without a type warning. It defines
+    both of UNet2DModel's own methods (__init__ and forward) and builds nothing of UNet2DModel's.
     """
 
     _supports_gradient_checkpointing = True
@@ -168,7 +172,8 @@ class PetsUNet2DModel(ModelMixin, ConfigMixin):
         flip_sin_to_cos: bool = True,  # cos before sin in the sinusoidal embedding (as UNet2DModel)
         freq_shift: int = 0,  # frequency shift of the sinusoidal embedding (as UNet2DModel)
     ):
-        super().__init__()
+        ModelMixin.__init__(self)  # not UNet2DModel's own __init__, which would build its layers
+
         widths = list(block_out_channels)
         level_sizes = [sample_size // 2**level for level in range(len(widths))]
         _check_config(

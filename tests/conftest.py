@@ -44,3 +44,17 @@ def randomise_zero_inits(model: torch.nn.Module) -> None:
         for parameter in model.parameters():
             if not parameter.any():
                 parameter.normal_(0, 0.05)
+
+
+@pytest.fixture(scope="module")
+def hub():
+    """A Hub-compatible server on 127.0.0.1 (tests/hub_server.py), one per test module."""
+    import threading
+
+    from .hub_server import HubServer
+
+    server = HubServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()

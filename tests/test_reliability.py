@@ -232,6 +232,7 @@ def bad_run(tmp_path: Path, *args: str) -> tuple[str, Path]:
     ("args", "expected"),
     [
         (("--resolution", "18"), "--resolution 18 is not a multiple of 4"),
+        (("--resolution", "32"), "tiny.json at --resolution 32: attention_resolutions names 8, but the levels run at"),
         (("--validation_dataset", "/nonexistent/held.parquet"), "--validation_dataset /nonexistent/held.parquet does"),
         (("--ddpm_num_inference_steps", "50"), "--ddpm_num_inference_steps 50 is more than --ddpm_num_steps 20"),
         (("--max_train_time", "0"), "argument --max_train_time: must be longer than zero, got '0'"),
@@ -330,3 +331,16 @@ def test_augmentation_depends_on_seed_epoch_and_index_only():
     assert torch.equal(data[5]["input"], first)
     assert not torch.equal(data[1]["input"], first)  # the same image in epoch 0: another crop or flip
     assert not torch.equal(TrainingImages(images, augmentation(32), seed=8)[5]["input"], first)
+
+
+def test_checkpoints_grids_and_snapshots_do_not_change_the_training(workspace, tmp_path):
+    """What a run saves along the way draws nothing from the training's random streams: with a checkpoint, a sample
+    grid and post-hoc EMA snapshots every few steps, it ends with the weights of a run that saved none."""
+    base = ("--max_train_steps", "10", "--save_model_epochs", "1000")
+    plain, busy = tmp_path / "plain", tmp_path / "busy"
+    launch(tiny_training_args(workspace["data"], workspace["config"], plain, *base, "--checkpointing_steps", "1000",
+                              "--save_images_steps", "1000"))  # fmt: skip
+    launch(tiny_training_args(workspace["data"], workspace["config"], busy, *base, "--checkpointing_steps", "3",
+                              "--save_images_steps", "2", "--post_hoc_ema", "--post_hoc_ema_every", "2"))  # fmt: skip
+    assert len(complete_checkpoints(busy)) == 3 and len(list((busy / "samples").iterdir())) == 5
+    assert_same_weights(plain, busy, ("unet",))

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The CPU measurements behind the recipe's choices, in one command (about 2 hours on 2 cores):
+#
+#   bash benchmarks/recipe_runs.sh ../shared/data/oxford-pets-64 runs/recipe [stage ...]
+#
+# Stages (default: all, in this order):
+#   speed     bench_recipe.py: default model, fp32 against bf16 (training and sampling), L_hybrid's and
+#             post-hoc EMA's cost per step; the small 64x64 config likewise
+#   quickstart  the README's quick-start, fp32 and then bf16 (wall time)
+#   bf16      small 64x64 config, 300 steps, fp32 and bf16 autocast, seeds 0 and 1: held-out loss
+#   variance  small 64x64 config, 1,000 steps each: fixed_small + L_simple against learned_range + L_hybrid,
+#             then compare_runs.py: all-timestep held-out bits/dim (paired), parts, loss, DDPM grids
+#   posthoc   small 64x64 config, 2,000 steps with --post_hoc_ema (snapshots every 50 steps), chosen at its
+#             end; the same choice at step 500 from a copy cut there (the short run)
+# Every run holds out the same 128 images of the faithful `train` split (seed 0). Logs go to OUT/*.log.
+set -euo pipefail
+DATA=$(realpath "$1") OUT=$2
+shift 2
+STAGES=("${@:-speed quickstart bf16 variance posthoc}")
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
+SMALL=$ROOT/benchmarks/configs/small-64px.json
+mkdir -p "$OUT"
+
+train() {  # train NAME [flags]: the small config on DATA, 128 images held out
+    local name=$1
+    shift
+    "$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --num_cpu_threads_per_process "$(nproc)" \
+        --mixed_precision no --dynamo_backend no "$ROOT/train_unconditional.py" \
+        --dataset_name "$DATA" --model_config_name_or_path "$SMALL" --output_dir "$OUT/$name" --overwrite_output_dir \
+        --train_batch_size 16 --learning_rate 2e-4 --lr_scheduler constant_with_warmup --lr_warmup_steps 100 \
+        --validation_images 128 --validation_steps 250 --checkpointing_steps 500 --save_images_steps 1000 \
+        --ddpm_num_inference_steps 100 --num_epochs 100000 --save_model_epochs 100000 --seed 0 "$@" \
+        >"$OUT/$name.log" 2>&1
+}
+
+for stage in ${STAGES[*]}; do
+    echo "== $stage $(date +%T)"
+    case $stage in
+    speed)
+        "$PYTHON" "$ROOT/benchmarks/bench_recipe.py" --batch 8 --rounds 4 --results "$OUT/speed.jsonl" | tee "$OUT/speed-default.txt"
+        "$PYTHON" "$ROOT/benchmarks/bench_recipe.py" --config "$SMALL" --batch 16 --rounds 20 --results "$OUT/speed.jsonl" |
+            tee "$OUT/speed-small.txt"
+        ;;
+    quickstart)
+        for precision in no bf16; do
+            start=$(date +%s%N)
+            "$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_cpu_threads_per_process "$(nproc)" \
+                "$ROOT/train_unconditional.py" --dataset_name "$DATA" --output_dir "$OUT/quickstart-$precision" \
+                --overwrite_output_dir --train_batch_size 8 --max_train_steps 20 --checkpointing_steps 10 \
+                --save_images_steps 20 --eval_batch_size 4 --ddpm_num_inference_steps 10 --lr_warmup_steps 5 --seed 0 \
+                --mixed_precision "$precision" >"$OUT/quickstart-$precision.log" 2>&1
+            echo "quick-start --mixed_precision $precision: $((($(date +%s%N) - start) / 1000000)) ms"
+        done | tee "$OUT/quickstart.txt"
+        ;;
+    bf16)
+        for seed in 0 1; do
+            for precision in no bf16; do
+                train "bf16-$precision-seed$seed" --max_train_steps 300 --validation_steps 300 \
+                    --mixed_precision "$precision" --seed "$seed" --validation_bpd_timesteps 1
+            done
+        done
+        ;;
+    variance)
+        train variance-fixed --max_train_steps 1000 --mixed_precision bf16
+        train variance-learned --max_train_steps 1000 --mixed_precision bf16 --variance_type learned_range
+        "$PYTHON" "$ROOT/benchmarks/compare_runs.py" "$OUT/variance-fixed" "$OUT/variance-learned" \
+            --out "$OUT/variance-compare" --num-images 64 --grids 50,100,1000 | tee "$OUT/variance-compare.txt"
+        ;;
+    posthoc)
+        train posthoc --max_train_steps 2000 --mixed_precision bf16 --post_hoc_ema --post_hoc_ema_every 50
+        "$PYTHON" - "$OUT/posthoc" "$OUT/posthoc-short" 500 <<'EOF'
+"""A copy of a post-hoc EMA run as it stood at STEP: its diffusers EMA then as the pipeline, snapshots up to STEP."""
+import shutil, sys
+from pathlib import Path
+from diffusers import DDPMScheduler
+from pets_diffusion import PetsUNet2DModel
+from pets_diffusion.checkpoints import save_pipeline
+run, short, step = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+shutil.rmtree(short, ignore_errors=True)
+(short / "post_hoc_ema").mkdir(parents=True)
+for name in ("training_args.json", "validation_images.json", "train_summary.json"):
+    shutil.copyfile(run / name, short / name)
+for path in (run / "post_hoc_ema").glob("*.safetensors"):
+    if int(path.stem.rsplit("-", 1)[1]) <= step:
+        shutil.copyfile(path, short / "post_hoc_ema" / path.name)
+unet = PetsUNet2DModel.from_pretrained(run / f"checkpoint-{step}" / "unet_ema")
+save_pipeline(unet, DDPMScheduler.from_pretrained(run, subfolder="scheduler"), str(short))
+EOF
+        for run in posthoc-short posthoc; do
+            "$ROOT/.venv/bin/pets-diffusion" ema "$OUT/$run" --nll-timesteps 100 | tee "$OUT/$run-ema.txt"
+        done
+        ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+    esac
+done
+echo "== done $(date +%T)"
