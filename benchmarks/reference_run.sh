@@ -8,7 +8,8 @@
 # DATA: a dataset folder or name (its `train` split is used). BUDGET: 90s, 20m, 1h30m.
 # OUT/run holds the training output; OUT/report the pictures and reference_summary.json
 # (benchmarks/reference_report.py). On a GPU: bf16, torch.compile, batch 256 on a GPU with more
-# than 100 GB, else 128 (256 peaked at 109 GB); on a CPU: fp32, eager, batch 8. MIXED_PRECISION,
+# than 100 GB, else 128 (256 peaked at 109 GB); on a CPU: bf16 where it has AMX or AVX512-BF16 (auto),
+# eager, batch 8. MIXED_PRECISION,
 # COMPILE=0/1, BATCH, VALIDATION_IMAGES and PYTHON override; flags after OUT override the recipe's.
 set -euo pipefail
 THREADS=()
@@ -24,7 +25,7 @@ if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
     BATCH=${BATCH:-$((MEMORY_MIB > 100000 ? 256 : 128))}
     MIXED_PRECISION=${MIXED_PRECISION:-bf16} COMPILE=${COMPILE:-1} WORKERS=8 DEVICE=gpu
 else
-    BATCH=${BATCH:-8} MIXED_PRECISION=${MIXED_PRECISION:-no} COMPILE=${COMPILE:-0} WORKERS=0 DEVICE=cpu
+    BATCH=${BATCH:-8} MIXED_PRECISION=${MIXED_PRECISION:-auto} COMPILE=${COMPILE:-0} WORKERS=0 DEVICE=cpu
     THREADS=(--num_cpu_threads_per_process "$(nproc)")  # accelerate runs a CPU process on one thread otherwise
 fi
 mkdir -p "$OUT"
@@ -39,8 +40,9 @@ training=(
 )
 [[ $COMPILE == 1 ]] && training+=(--use_torch_compile)
 PYTHON=${PYTHON:-python3}
+LAUNCHER_PRECISION=$([[ $MIXED_PRECISION == auto ]] && echo no || echo "$MIXED_PRECISION")  # the script's flag wins
 command=("$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_machines 1 "${THREADS[@]}"
-    --mixed_precision "$MIXED_PRECISION" --dynamo_backend no
+    --mixed_precision "$LAUNCHER_PRECISION" --dynamo_backend no
     "$ROOT/train_unconditional.py" "${training[@]}" "$@")
 echo "reference run on $DEVICE, batch $BATCH, $MIXED_PRECISION, budget $BUDGET: ${command[*]}"
 status=0

@@ -43,3 +43,21 @@ def test_the_package_modules_import_each_other_without_cycles():
 
     for module in imports:
         visit(module, [])
+
+
+def test_the_spaces_modules_need_none_of_the_package_beyond_themselves():
+    """A Space carries demo.py and the modules it imports (hub.SPACE_MODULES): they must import no others."""
+    import ast
+
+    from pets_diffusion.hub import SPACE_MODULES
+
+    package = ROOT / "pets_diffusion"
+    carried = {name.removesuffix(".py") for name in SPACE_MODULES}
+    for name in carried:
+        for node in ast.walk(ast.parse((package / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported = {node.module} if node.module else {alias.name for alias in node.names}
+                assert imported <= carried, f"{name}.py imports {imported - carried}, which the Space lacks"
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and node.level == 0:
+                modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+                assert not any(module.startswith("pets_diffusion") for module in modules), name

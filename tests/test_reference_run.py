@@ -1,4 +1,5 @@
-"""benchmarks/reference_run.sh end to end on the CPU, at a toy scale, so that the GPU recipe cannot rot."""
+"""benchmarks/lease.sh (and the reference_run.sh it calls) end to end on the CPU, at a toy scale, so that the
+one-command GPU lease cannot rot."""
 
 import json
 import os
@@ -10,33 +11,42 @@ from PIL import Image
 from .helpers import ROOT, make_image_folder, write_tiny_config
 
 
-def test_the_reference_run_trains_for_its_budget_then_draws_and_measures(tmp_path):
+def test_the_lease_command_trains_for_its_budget_chooses_the_ema_then_draws_and_measures(tmp_path):
     data = make_image_folder(tmp_path / "images", count=16, size=(16, 16))
     config = write_tiny_config(tmp_path / "tiny.json")
-    out = tmp_path / "reference"
-    env = {**os.environ, "PYTHON": sys.executable, "VALIDATION_IMAGES": "4", "PYTHONUNBUFFERED": "1"}
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "PYTHON": sys.executable, "VALIDATION_IMAGES": "4", "PYTHONUNBUFFERED": "1",
+           "OUT": str(out), "WORK": str(work), "DATA": str(data), "BUDGET": "5s"}  # fmt: skip
     toy = ["--train_data_dir", str(data), "--model_config_name_or_path", str(config), "--resolution", "16",
-           "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "10", "--train_batch_size", "4"]  # fmt: skip
-    result = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "reference_run.sh"), str(data), "5s", str(out), *toy],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+           "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "10", "--train_batch_size", "4",
+           "--post_hoc_ema_every", "2", "--validation_bpd_timesteps", "3"]  # fmt: skip
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "lease.sh"), *toy], capture_output=True, text=True,
+                            timeout=900, env=env, cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "--max_train_time spent" in result.stdout  # stopped by its budget, then saved
-    report = out / "report"
-    assert sorted(path.name for path in report.iterdir()) == [
-        "loss_curve.png", "memorization.png", "reference_summary.json", "samples-ddpm.png",
-        "samples-dpmsolver-25.png", "trajectory.png",
-    ]  # fmt: skip
-    assert Image.open(report / "samples-dpmsolver-25.png").size == (8 * 16, 8 * 16)  # 64 images
-    assert Image.open(report / "samples-ddpm.png").size == (4 * 16, 4 * 16)  # 16 images
-    assert Image.open(report / "memorization.png").size == (8 * 16, 2 * 16)
-    summary = json.loads((report / "reference_summary.json").read_text())
+    assert sorted(path.name for path in out.iterdir()) == [
+        "ema_grids.png",
+        "lease.log",
+        "loss_curve.png",
+        "memorization.png",
+        "reference_summary.json",
+        "samples-ddpm.png",
+        "samples-dpmsolver-25.png",
+        "trajectory.png",
+    ]  # fmt: skip  (the 8 files a lease brings back)
+    assert "8 files in" in (out / "lease.log").read_text()
+    assert Image.open(out / "samples-dpmsolver-25.png").size == (8 * 16, 8 * 16)  # 64 images
+    assert Image.open(out / "samples-ddpm.png").size == (4 * 16, 4 * 16)  # 16 images
+    assert Image.open(out / "memorization.png").size == (8 * 16, 2 * 16)
+    summary = json.loads((out / "reference_summary.json").read_text())
     assert summary["stopped_by_time_budget"] is True and summary["train_images"] == 12
     assert summary["bpd_kl_timesteps"] == 19 and summary["heldout_images"] == 4  # every timestep of 20
     assert summary["bpd"] > 0 and 0 < summary["bpd_stderr"] < summary["bpd"]
     assert summary["memorization_share"] * 64 == round(summary["memorization_share"] * 64)  # a share of 64 samples
     assert summary["heldout_loss"] > 0
     assert summary["images_seen"] == summary["optimizer_steps"] * 4 > 0 and summary["images_per_sec_median"] > 0
-    assert "train_unconditional.py" in summary["command"] and "--max_train_time 5s" in summary["command"]
+    assert summary["post_hoc_ema"]["selected_by"] == "bpd"  # the EMA was chosen after training
+    command = summary["command"]
+    assert "train_unconditional.py" in command and "--max_train_time 5s" in command and "--post_hoc_ema" in command
+    assert "--learning_rate 2e-4 --lr_warmup_steps 200" in command
     assert summary["versions"]["torch"] and summary["device"].startswith("CPU")
