@@ -58,6 +58,6 @@ def test_the_spaces_modules_need_none_of_the_package_beyond_themselves():
             if isinstance(node, ast.ImportFrom) and node.level == 1:
                 imported = {node.module} if node.module else {alias.name for alias in node.names}
                 assert imported <= carried, f"{name}.py imports {imported - carried}, which the Space lacks"
-            if isinstance(node, (ast.Import, ast.ImportFrom)) and node.level == 0:
+            if isinstance(node, ast.Import) or (isinstance(node, ast.ImportFrom) and node.level == 0):
                 modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
                 assert not any(module.startswith("pets_diffusion") for module in modules), name
