@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import torch
 from PIL import Image
 
 from .helpers import ROOT, make_image_folder, write_tiny_config
@@ -49,4 +50,4 @@ def test_the_lease_command_trains_for_its_budget_chooses_the_ema_then_draws_and_
     command = summary["command"]
     assert "train_unconditional.py" in command and "--max_train_time 5s" in command and "--post_hoc_ema" in command
     assert "--learning_rate 2e-4 --lr_warmup_steps 200" in command
-    assert summary["versions"]["torch"] and summary["device"].startswith("CPU")
+    assert summary["versions"]["torch"] == torch.__version__ and summary["device"].startswith("CPU: ")
