@@ -82,6 +82,11 @@ def test_installed_from_the_wheel_it_trains_samples_evaluates_and_pushes(dist, h
          "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "2", "--save_images_steps", "4",
          "--validation_images", "4", "--validation_bpd_timesteps", "2", "--seed", "0"], cwd=work, env=env)  # fmt: skip
     assert json.loads((work / "run" / "train_summary.json").read_text())["global_step"] == 4
+    run([bin_dir / "pets-diffusion", "train", "--train_data_dir", images, "--model_config_name_or_path",
+         work / "tiny.json", "--resolution", "16", "--output_dir", work / "one-process", "--train_batch_size", "4",
+         "--max_train_steps", "2", "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "2"],
+        cwd=work, env=env)  # fmt: skip
+    assert json.loads((work / "one-process" / "train_summary.json").read_text())["global_step"] == 2
     run([bin_dir / "pets-diffusion", "sample", work / "run", "--num-images", "4", "--steps", "3",
          "--out", work / "grid.png"], cwd=work, env=env)  # fmt: skip
     assert (work / "grid.png").is_file()
