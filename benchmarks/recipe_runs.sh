@@ -10,8 +10,8 @@
 #   bf16      small 64x64 config, 300 steps, fp32 and bf16 autocast, seeds 0 and 1: held-out loss
 #   variance  small 64x64 config, 1,000 steps each: fixed_small + L_simple against learned_range + L_hybrid,
 #             then compare_runs.py: all-timestep held-out bits/dim (paired), parts, loss, DDPM grids
-#   posthoc   small 64x64 config, 2,000 steps with --post_hoc_ema (snapshots every 50 steps), chosen at its
-#             end; the same choice at step 500 from a copy cut there (the short run)
+#   posthoc   small 64x64 config, 1,200 steps with --post_hoc_ema (snapshots every 50 steps), chosen at its
+#             end; the same measurement at step 300 from a copy cut there (the short run, 4x shorter)
 # Every run holds out the same 128 images of the faithful `train` split (seed 0). Logs go to OUT/*.log.
 set -euo pipefail
 DATA=$(realpath "$1") OUT=$2
@@ -68,8 +68,9 @@ for stage in ${STAGES[*]}; do
             --out "$OUT/variance-compare" --num-images 64 --grids 50,100,1000 | tee "$OUT/variance-compare.txt"
         ;;
     posthoc)
-        train posthoc --max_train_steps 2000 --mixed_precision bf16 --post_hoc_ema --post_hoc_ema_every 50
-        "$PYTHON" - "$OUT/posthoc" "$OUT/posthoc-short" 500 <<'EOF'
+        train posthoc --max_train_steps 1200 --mixed_precision bf16 --post_hoc_ema --post_hoc_ema_every 50 \
+            --checkpointing_steps 300
+        "$PYTHON" - "$OUT/posthoc" "$OUT/posthoc-short" 300 <<'EOF'
 """A copy of a post-hoc EMA run as it stood at STEP: its diffusers EMA then as the pipeline, snapshots up to STEP."""
 import shutil, sys
 from pathlib import Path
