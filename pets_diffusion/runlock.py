@@ -8,6 +8,7 @@ on Lustre only when mounted with `flock`, elsewhere (and on some FUSE file syste
 machine only: there, start one run per folder yourself.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -33,9 +34,11 @@ class RunLock:
     def __init__(self, output_dir: str | Path):
         self.folder = Path(output_dir)
         self.lock = FileLock(self.folder / LOCK_FILE, timeout=0)
+        self.created_folder = False  # acquire made the folder: release removes it if the run wrote nothing
 
     def acquire(self) -> None:
         """Take the lock at once, or raise OutputDirBusy naming the run that holds it."""
+        self.created_folder = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         note_path = self.folder / NOTE_FILE
         try:
@@ -53,9 +56,16 @@ class RunLock:
         note_path.write_text(json.dumps(note) + "\n")
 
     def release(self) -> None:
+        """Let go of the lock; a folder it created that the run left empty goes too (a refused run leaves nothing)."""
         if self.lock.is_locked:
             (self.folder / NOTE_FILE).unlink(missing_ok=True)
+            left_empty = self.created_folder and {path.name for path in self.folder.iterdir()} <= {LOCK_FILE}
+            if left_empty:
+                (self.folder / LOCK_FILE).unlink(missing_ok=True)
             self.lock.release()
+            if left_empty:
+                with contextlib.suppress(OSError):  # something arrived meanwhile: the folder stays
+                    self.folder.rmdir()
 
 
 def _describe(note_path: Path) -> str:

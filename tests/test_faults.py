@@ -205,6 +205,20 @@ def test_the_lock_excludes_a_second_holder_in_another_process_and_frees_on_death
     assert not (tmp_path / NOTE_FILE).exists()
 
 
+def test_releasing_removes_only_a_folder_the_lock_made_and_the_run_left_empty(tmp_path):
+    made_and_empty, made_and_written, already_there = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    already_there.mkdir()
+    for folder in (made_and_empty, made_and_written, already_there):
+        lock = RunLock(folder)
+        lock.acquire()
+        if folder == made_and_written:
+            (folder / "training_args.json").write_text("{}")
+        lock.release()
+    assert not made_and_empty.exists()
+    assert sorted(path.name for path in made_and_written.iterdir()) == [".train.lock", "training_args.json"]
+    assert sorted(path.name for path in already_there.iterdir()) == [".train.lock"]
+
+
 # -- damaged checkpoints and another setup ---------------------------------------------------------------
 
 DAMAGE = ("--max_train_steps", "6", "--checkpointing_steps", "2", "--save_images_steps", "1000")
