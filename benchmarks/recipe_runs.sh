@@ -11,7 +11,8 @@
 #   variance  small 64x64 config, 1,000 steps each: fixed_small + L_simple against learned_range + L_hybrid,
 #             then compare_runs.py: all-timestep held-out bits/dim (paired), parts, loss, DDPM grids
 #   posthoc   small 64x64 config, 1,200 steps with --post_hoc_ema (snapshots every 50 steps), chosen at its
-#             end; the same measurement at step 300 from a copy cut there (the short run, 4x shorter)
+#             end by the run itself (bf16 autocast, as it trained); `pets-diffusion ema` (fp32) on a copy cut
+#             at step 300 (the short run, 4x shorter). Both: 128 held-out images, 50 stratified KL terms
 # Every run holds out the same 128 images of the faithful `train` split (seed 0). Logs go to OUT/*.log.
 set -euo pipefail
 DATA=$(realpath "$1") OUT=$2
@@ -65,7 +66,7 @@ for stage in ${STAGES[*]}; do
         train variance-fixed --max_train_steps 1000 --mixed_precision bf16
         train variance-learned --max_train_steps 1000 --mixed_precision bf16 --variance_type learned_range
         "$PYTHON" "$ROOT/benchmarks/compare_runs.py" "$OUT/variance-fixed" "$OUT/variance-learned" \
-            --out "$OUT/variance-compare" --num-images 64 --grids 50,100,1000 | tee "$OUT/variance-compare.txt"
+            --out "$OUT/variance-compare" --num-images 32 --grids 50,100,1000 | tee "$OUT/variance-compare.txt"
         ;;
     posthoc)
         train posthoc --max_train_steps 1200 --mixed_precision bf16 --post_hoc_ema --post_hoc_ema_every 50 --validation_steps 600 \
@@ -88,9 +89,8 @@ for path in (run / "post_hoc_ema").glob("*.safetensors"):
 unet = PetsUNet2DModel.from_pretrained(run / f"checkpoint-{step}" / "unet_ema")
 save_pipeline(unet, DDPMScheduler.from_pretrained(run, subfolder="scheduler"), str(short))
 EOF
-        for run in posthoc-short posthoc; do
-            "$ROOT/.venv/bin/pets-diffusion" ema "$OUT/$run" --nll-timesteps 100 | tee "$OUT/$run-ema.txt"
-        done
+        grep -a -A8 "Post-hoc EMA by held-out" "$OUT/posthoc.log" | tee "$OUT/posthoc-ema.txt"  # the run's own sweep
+        "$ROOT/.venv/bin/pets-diffusion" ema "$OUT/posthoc-short" --nll-timesteps 50 | tee "$OUT/posthoc-short-ema.txt"
         ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
