@@ -25,7 +25,8 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--nll-timesteps", type=int, default=None, help="KL terms (default: all of them).")
-    parser.add_argument("--num-images", type=int, default=None, help="The first N held-out images (default: all).")
+    parser.add_argument("--num-images", type=int, default=None, help="N held-out images (default: all).")
+    parser.add_argument("--first-image", type=int, default=0, help="Where the N images start (default: the first).")
     parser.add_argument("--grids", default="50,100,1000", help="DDPM step counts to draw 16 samples with.")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--pipeline", default="", help="A subfolder of each run holding the pipeline to compare.")
@@ -39,7 +40,8 @@ def main() -> None:
         folder = run / options.pipeline
         unet = PetsUNet2DModel.from_pretrained(folder, subfolder="unet").eval()
         scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-        heldout = RunImages(run, "heldout", unet.config.sample_size).as_floats()[: options.num_images]
+        heldout = RunImages(run, "heldout", unet.config.sample_size).as_floats()[options.first_image :]
+        heldout = heldout[: options.num_images]
         started = time.perf_counter()
         bound = bits_per_dim(unet, scheduler, heldout, options.nll_timesteps, 0, options.batch_size, progress=True)
         loss = heldout_loss(unet, scheduler, heldout, seed=0, batch_size=options.batch_size)
