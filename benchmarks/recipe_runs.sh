@@ -65,13 +65,15 @@ for stage in ${STAGES[*]}; do
     variance)
         train variance-fixed --max_train_steps 1000 --mixed_precision bf16
         train variance-learned --max_train_steps 1000 --mixed_precision bf16 --variance_type learned_range
-        # The all-timestep bound in two halves of 32 held-out images (25 min each on 2 cores): the table of
-        # each, to be pooled (means and standard errors combine exactly; the README's figures are so pooled).
+        # The all-timestep bound in two halves of 32 held-out images (25 min each on 2 cores), then pooled
+        # exactly into the README's table of all 64.
         "$PYTHON" "$ROOT/benchmarks/compare_runs.py" "$OUT/variance-fixed" "$OUT/variance-learned" \
             --out "$OUT/variance-compare" --num-images 32 --grids 50,100,1000 | tee "$OUT/variance-compare.txt"
         "$PYTHON" "$ROOT/benchmarks/compare_runs.py" "$OUT/variance-fixed" "$OUT/variance-learned" \
             --out "$OUT/variance-compare-32-63" --first-image 32 --num-images 32 --grids "" |
             tee "$OUT/variance-compare-32-63.txt"
+        "$PYTHON" "$ROOT/benchmarks/pool_compare.py" "$OUT/variance-compare" "$OUT/variance-compare-32-63" |
+            tee "$OUT/variance-compare-pooled.txt"
         ;;
     posthoc)
         train posthoc --max_train_steps 1200 --mixed_precision bf16 --post_hoc_ema --post_hoc_ema_every 50 --validation_steps 600 \
