@@ -19,6 +19,7 @@ from .helpers import ROOT, TINY_CONFIG_JSON, make_image_folder
 from .hub_helpers import LOAD_WITH_ONLY_DIFFUSERS, hub_env, training_output_folder
 
 CONSTRAINTS = ROOT / "constraints.txt"
+VENV_FREE_BYTES = 8 * 10**9  # measured: 6.5 GB installed, plus room for pip's unpacking
 
 
 def run(command: list, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -36,7 +37,16 @@ def clean_env(**extra) -> dict:
 
 
 def fresh_venv(folder: Path) -> Path:
-    """A new virtualenv (no site packages of ours), returning its python."""
+    """A new virtualenv (no site packages of ours), returning its python.
+
+    torch with its CUDA libraries makes each install about 6.5 GB; a disk too full for it fails here, in one
+    line, rather than filling up and failing every test after it.
+    """
+    free = shutil.disk_usage(folder.parent).free
+    assert free >= VENV_FREE_BYTES, (
+        f"a fresh venv with torch needs about {VENV_FREE_BYTES / 1e9:.0f} GB free in {folder.parent}, "
+        f"{free / 1e9:.1f} GB are: free some space (or pass pytest --basetemp on a larger disk) and rerun"
+    )
     run([sys.executable, "-m", "venv", folder], cwd=folder.parent)
     return folder / "bin" / "python"
 
