@@ -76,8 +76,8 @@ for stage in ${STAGES[*]}; do
             tee "$OUT/variance-compare-pooled.txt"
         ;;
     posthoc)
-        train posthoc --max_train_steps 1200 --mixed_precision bf16 --post_hoc_ema --post_hoc_ema_every 50 --validation_steps 600 \
-            --checkpointing_steps 300
+        train posthoc --max_train_steps 1200 --mixed_precision bf16 --post_hoc_ema --post_hoc_ema_every 50 \
+            --validation_steps 600 --checkpointing_steps 300
         "$PYTHON" - "$OUT/posthoc" "$OUT/posthoc-short" 300 <<'EOF'
 """A copy of a post-hoc EMA run as it stood at STEP: its diffusers EMA then as the pipeline, snapshots up to STEP."""
 import shutil, sys
