@@ -13,11 +13,16 @@
 #   posthoc   small 64x64 config, 1,200 steps with --post_hoc_ema (snapshots every 50 steps), chosen at its
 #             end by the run itself (bf16 autocast, as it trained); `pets-diffusion ema` (fp32) on a copy cut
 #             at step 300 (the short run, 4x shorter). Both: 128 held-out images, 50 stratified KL terms
+#   cpu32     the CPU pets' recipe at equal CPU time: the small 32x32 config, 8 minutes each (SCREEN_TIME), bf16
+#             where the CPU has it, 64 held-out images: linear betas at lr 2e-4 (the 12-minute reference run's
+#             recipe), squaredcos_cap_v2 at 2e-4, and squaredcos_cap_v2 at 1e-3; then compare_runs.py: 50-term
+#             held-out bounds paired against the first run, held-out loss, DDPM grids (100 steps) from the
+#             same noise; recipe_table.py tables it
 # Every run holds out the same 128 images of the faithful `train` split (seed 0). Logs go to OUT/*.log.
 set -euo pipefail
 DATA=$(realpath "$1") OUT=$2
 shift 2
-STAGES=("${@:-speed quickstart bf16 variance posthoc}")
+STAGES=("${@:-speed quickstart bf16 variance posthoc cpu32}")
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 SMALL=$ROOT/benchmarks/configs/small-64px.json
@@ -98,6 +103,22 @@ save_pipeline(unet, DDPMScheduler.from_pretrained(run, subfolder="scheduler"), s
 EOF
         grep -a -A8 "Post-hoc EMA by held-out" "$OUT/posthoc.log" | tee "$OUT/posthoc-ema.txt"  # the run's own sweep
         "$ROOT/.venv/bin/pets-diffusion" ema "$OUT/posthoc-short" --nll-timesteps 50 | tee "$OUT/posthoc-short-ema.txt"
+        ;;
+    cpu32)
+        for recipe in "linear 2e-4" "squaredcos_cap_v2 2e-4" "squaredcos_cap_v2 1e-3"; do
+            read -r betas lr <<<"$recipe"
+            train "cpu32-$betas-$lr" --model_config_name_or_path "$ROOT/benchmarks/configs/small-32px.json" \
+                --resolution 32 --train_batch_size 32 --ddpm_beta_schedule "$betas" --learning_rate "$lr" \
+                --max_train_time "${SCREEN_TIME:-8m}" --mixed_precision auto --validation_images 64 \
+                --validation_steps 100 --checkpointing_steps 100000 --save_images_steps 100000
+        done
+        # The same 64 held-out images, timesteps and noise for every run: 50-term bounds paired against the first.
+        "$PYTHON" "$ROOT/benchmarks/compare_runs.py" "$OUT"/cpu32-linear-2e-4 "$OUT"/cpu32-squaredcos_cap_v2-2e-4 \
+            "$OUT"/cpu32-squaredcos_cap_v2-1e-3 --out "$OUT/cpu32-compare" --nll-timesteps 50 --grids 100 \
+            >"$OUT/cpu32-compare.log" 2>&1
+        "$PYTHON" "$ROOT/benchmarks/recipe_table.py" --compare "$OUT/cpu32-compare/compare.json" \
+            "$OUT"/cpu32-linear-2e-4 "$OUT"/cpu32-squaredcos_cap_v2-2e-4 "$OUT"/cpu32-squaredcos_cap_v2-1e-3 |
+            tee "$OUT/cpu32.md"
         ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac

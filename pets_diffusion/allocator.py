@@ -2,8 +2,8 @@
 
 glibc's malloc serves large blocks with mmap and returns them (and the top of its heap) to the
 kernel when they are freed. A UNet training step on CPU frees and reallocates gigabytes of
-activations, so every step faults in and zeroes the same pages again: about 350,000 page faults
-and 7-12 % of a batch-8 step on the 2-core development VM (benchmarks/README.md). Raising the mmap
+activations, so every step faults in and zeroes the same pages again (what that costs is measured
+in benchmarks/README.md). Raising the mmap
 threshold to glibc's maximum (32 MiB) and trimming only above 1 GiB keeps those pages for reuse.
 """
 

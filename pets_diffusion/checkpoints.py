@@ -17,11 +17,11 @@ from .runlock import LOCK_FILE, NOTE_FILE
 from .storage import (
     MANIFEST,
     DamagedFolder,
-    DiskFull,
     folder_bytes,
     free_bytes,
     is_disk_full,
     megabytes,
+    out_of_space,
     read_manifest,
     verify,
     write_manifest,
@@ -88,7 +88,7 @@ def intact_checkpoint(output_dir: str, resume_from_checkpoint: str) -> Path | No
     return None
 
 
-def shape_differences(saved: dict, current: dict) -> list[str]:
+def setup_differences(saved: dict, current: dict) -> list[str]:
     """What differs between the run configuration a checkpoint was saved with and this run's, one phrase each."""
     normal = lambda value: json.loads(json.dumps(value))  # noqa: E731 - tuples and lists alike
     differences = []
@@ -192,11 +192,7 @@ def _out_of_space(accelerator: Accelerator, partial: Path, name: str, needed: in
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     intact = f"{previous[-1].name} and the pipeline are intact" if previous else "no earlier checkpoint was lost"
-    raise DiskFull(
-        f"no space left on device in {folder} while saving {name}: it needs about {megabytes(needed)}, "
-        f"{megabytes(free_bytes(folder))} are free; {intact}. Free space, then resume with "
-        "--resume_from_checkpoint latest."
-    )
+    raise out_of_space(folder, name, needed, intact)
 
 
 def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None, post_hoc: PowerFunctionEMA | None) -> None:
@@ -253,11 +249,7 @@ def save_pipeline(unet: PetsUNet2DModel, noise_scheduler: DDPMScheduler, output_
         needed = sum(parameter.numel() * parameter.element_size() for parameter in unet.parameters())
         shutil.rmtree(staging, ignore_errors=True)
         intact = "the previous pipeline is intact" if (folder / "model_index.json").is_file() else "nothing was lost"
-        raise DiskFull(
-            f"no space left on device in {folder} while saving the pipeline: it needs about {megabytes(needed)}, "
-            f"{megabytes(free_bytes(folder))} are free; {intact}. Free space, then resume with "
-            "--resume_from_checkpoint latest."
-        ) from None
+        raise out_of_space(folder, "the pipeline", needed, intact) from None
     for name in ("unet", "scheduler"):
         target, aside = folder / name, folder / f".{name}.old"
         shutil.rmtree(aside, ignore_errors=True)

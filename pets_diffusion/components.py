@@ -2,9 +2,12 @@
 
 import logging
 import os
+import secrets
 import time
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_flag_from_env
@@ -26,8 +29,13 @@ from .unet import PetsUNet2DModel
 logger = get_logger(__name__)
 
 
+# How long the other processes wait for work the main process does alone (saving, measuring, pushing): a day.
+MAIN_PROCESS_WAIT = timedelta(hours=24)
+
+
 def make_accelerator(args) -> Accelerator:
     """The Accelerator: processes, mixed precision, trackers (TensorBoard always: the loss curve reads it)."""
+    process_state(args.ddp_timeout)
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -42,11 +50,15 @@ def log_environment(accelerator: Accelerator) -> None:
     """Log the processes and devices, and what this CPU does best."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
-    if accelerator.device.type == "cpu" and retain_freed_memory():
-        logger.info("CPU training: glibc malloc keeps freed activation memory for reuse (no page faults per step)")
     hint = bf16_hint(accelerator.device, accelerator.mixed_precision)
     if hint is not None:
         logger.info(hint)
+
+
+def tune_cpu_allocator(accelerator: Accelerator) -> None:
+    """On a CPU, keep freed activation memory in the process (`allocator.retain_freed_memory`)."""
+    if accelerator.device.type == "cpu" and retain_freed_memory():
+        logger.info("CPU training: glibc malloc keeps freed activation memory for reuse (no page faults per step)")
 
 
 def bf16_hint(device: torch.device, mixed_precision: str) -> str | None:
@@ -67,10 +79,54 @@ def resolve_mixed_precision(requested: str) -> str:
     return "bf16" if native_bf16(process_state().device) else "no"
 
 
-def process_state() -> PartialState:
+def process_state(ddp_timeout: float | None = None) -> PartialState:
     """Accelerate's process state before the Accelerator exists, set up as the Accelerator will set it up
-    (`accelerate launch --cpu` says so through ACCELERATE_USE_CPU, which PartialState alone does not read)."""
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    (`accelerate launch --cpu` says so through ACCELERATE_USE_CPU, which PartialState alone does not read).
+
+    The first call starts the process group, with collectives timing out after `ddp_timeout` seconds
+    (--ddp_timeout); later calls return the same state.
+    """
+    timeout = {} if ddp_timeout is None else {"timeout": timedelta(seconds=ddp_timeout)}
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **timeout)
+
+
+class MainProcessWait:
+    """Where the other processes wait while the main process saves, measures or pushes alone.
+
+    That work can outlast the process group's timeout (NCCL's default is 10 minutes), which would end the
+    run at a save. So they wait at a barrier of a gloo group of their own, whose timeout is a day; the
+    training's collectives keep --ddp_timeout.
+    """
+
+    def __init__(self, accelerator: Accelerator):
+        distributed = accelerator.num_processes > 1 and dist.is_initialized()
+        self.group = dist.new_group(backend="gloo", timeout=MAIN_PROCESS_WAIT) if distributed else None
+
+    def __call__(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+
+def run_seed(accelerator: Accelerator, requested: int | None, recorded: int | None) -> int:
+    """The run's seed: the resumed checkpoint's, else --seed, else one drawn on the main process and sent to all.
+
+    It decides the initial weights, the held-out images and the data order, which every process must share
+    (each draws its own noise from it: see TrainLoop.seed_noise). A resume keeps the checkpoint's seed, so the
+    same images stay held out; another --seed is refused.
+    """
+    if recorded is not None:
+        if requested is not None and requested != recorded:
+            raise UsageError(
+                f"--seed {requested}: the checkpoint was trained with seed {recorded}, which chose its held-out images "
+                f"and data order; resume with --seed {recorded} or without --seed."
+            )
+        return recorded
+    if requested is not None:
+        return requested
+    drawn = [secrets.randbelow(2**32) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(drawn)
+    return drawn[0]
 
 
 def load_training_images(args):
@@ -126,9 +182,9 @@ def make_noise_scheduler(args) -> DDPMScheduler:
     )
 
 
-def lock_output_dir(output_dir: str) -> RunLock | None:
+def lock_output_dir(output_dir: str, ddp_timeout: float) -> RunLock | None:
     """Take --output_dir's lock on the main process (the others get None); every process refuses together."""
-    state = process_state()
+    state = process_state(ddp_timeout)
     lock, message = RunLock(output_dir), None
     if state.is_main_process:
         try:

@@ -189,3 +189,35 @@ def evaluation_tensor(images: Sequence[torch.Tensor], resolution: int) -> torch.
     """Resized uint8 images centre-cropped to `resolution` (no flips), as floats on the 256-level grid of [-1, 1]."""
     crop = v2.CenterCrop(resolution)
     return torch.stack([crop(images[index]) for index in range(len(images))]).float() / 127.5 - 1
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none), for one-line errors."""
+    message = str(error).strip()
+    return message.splitlines()[0] if message else type(error).__name__
+
+
+def read_images(
+    name: str | None,
+    config_name: str | None,
+    data_dir: str | None,
+    image_column: str,
+    cache_dir: str | None,
+    split: str,
+    resolution: int,
+) -> tuple[list[torch.Tensor] | LazyImages, list[str]]:
+    """`load_image_dataset` then `prepare_images`, with any failure as one ValueError line naming the source."""
+    try:
+        return prepare_images(load_image_dataset(name, config_name, data_dir, image_column, cache_dir, split),
+                              image_column, resolution)  # fmt: skip
+    except (FileNotFoundError, ValueError) as error:  # datasets' DatasetNotFoundError is a FileNotFoundError
+        raise ValueError(
+            f"cannot read images from {data_dir or name} (split {split}): {first_line(error)}; "
+            "give a folder of images, a dataset folder or a Hub dataset name."
+        ) from None
+
+
+def validation_dataset_images(name: str, image_column: str, cache_dir, resolution: int, count: int | None):
+    """--validation_dataset's images: its train split, the first `count` of them (all when 0 or None)."""
+    images, skipped = read_images(name, None, None, image_column, cache_dir, "train", resolution)
+    return images[: count or None], skipped

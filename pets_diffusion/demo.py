@@ -4,7 +4,6 @@ The same model, seed, scheduler and steps give the same images as `pets-diffusio
 (one batch of up to 16 images). One generation runs at a time; a bounded queue waits.
 """
 
-import json
 import random
 import tempfile
 from collections.abc import Iterator
@@ -14,13 +13,14 @@ import gradio as gr
 import torch
 
 from . import sampling
+from .records import read_json
 
 MAX_IMAGES = 16
 MAX_SEED = 2**32 - 1
 PREVIEWS = 10  # x̂_0 is shown about this many times during one generation
 
 
-class Generator:
+class DemoSampler:
     """Generates images with one UNet and its scheduler config; checks its inputs."""
 
     def __init__(self, unet: torch.nn.Module, scheduler_config):
@@ -76,11 +76,11 @@ def card_facts(folder: str | Path | None, unet: torch.nn.Module) -> str:
         f"{unet.config.sample_size}×{unet.config.sample_size}",
     ]
     folder = Path(folder) if folder is not None else None
-    summary = _read_json(folder / "train_summary.json") if folder else {}
+    summary = read_json(folder / "train_summary.json") if folder else {}
     if "global_step" in summary:
         facts.append(f"{summary['global_step']:,} training steps of {summary['total_batch_size']} images")
     bound = summary.get("validation", {})
-    evaluation = _read_json(folder / "evaluation.json").get("metrics", {}) if folder else {}
+    evaluation = read_json(folder / "evaluation.json").get("metrics", {}) if folder else {}
     if "bpd" in evaluation:
         bound = {"bpd": evaluation["bpd"], "bpd_stderr": evaluation["bpd_stderr"]}
     if "bpd" in bound:
@@ -88,13 +88,9 @@ def card_facts(folder: str | Path | None, unet: torch.nn.Module) -> str:
     return " · ".join(facts)
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def build_demo(unet: torch.nn.Module, scheduler_config, title: str, facts: str) -> gr.Blocks:
     """The page: settings, a Generate button, the live x̂_0 preview, the gallery and the grid to download."""
-    generator = Generator(unet, scheduler_config)
+    generator = DemoSampler(unet, scheduler_config)
     with gr.Blocks(title=title, delete_cache=(3600, 3600)) as demo:  # Gradio's copies of images: an hour
         gr.Markdown(f"# {title}\n{facts}")
         with gr.Row():

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from . import sampling
 from .checkpoints import save_pipeline
 from .likelihood import bits_per_dim, heldout_loss, paired_difference
-from .posthoc_ema import reconstruct
+from .posthoc_ema import reconstruct, weights_restored
 
 DEFAULT_SIGMA_RELS = (0.03, 0.05, 0.10, 0.20)
 STANDARD = "standard"  # the run's own pipeline weights (diffusers' EMAModel, or the raw weights without EMA)
@@ -37,15 +37,12 @@ def sweep(
     `unet` holds the pipeline's weights and gets them back at the end. Every row is measured on the same
     images with the same timesteps and noise, so their differences are paired.
     """
-    pipeline_weights = {name: tensor.clone() for name, tensor in unet.state_dict().items()}
     rows = [_measure(STANDARD, unet, scheduler, heldout, nll_timesteps, batch_size)]
-    try:
+    with weights_restored(unet):
         for sigma_rel in sigma_rels:
             state, recipe = reconstruct(run_dir, sigma_rel, step)
             unet.load_state_dict(state)
             rows.append(_measure(sigma_rel, unet, scheduler, heldout, nll_timesteps, batch_size) | {"recipe": recipe})
-    finally:
-        unet.load_state_dict(pipeline_weights)
     for row in rows:
         row["bpd_minus_standard"], row["bpd_minus_standard_stderr"] = paired_difference(row["bound"], rows[0]["bound"])
     return rows
@@ -88,17 +85,14 @@ def table(rows: list[dict]) -> str:
 def draw_grids(run_dir, unet, scheduler_config, sigma_rels, step, path: Path, num_images=16, steps=25, seed=0):
     """One sample grid per EMA (the run's, then each σ_rel), side by side under their names, from the same noise."""
     pictures, names = [], []
-    pipeline_weights = {name: tensor.clone() for name, tensor in unet.state_dict().items()}
     scheduler = sampling.make_scheduler("dpmsolver", scheduler_config)
     steps = min(steps, sampling.max_steps("dpmsolver", scheduler_config["num_train_timesteps"]))
-    try:
+    with weights_restored(unet):
         for candidate in (STANDARD, *sigma_rels):
             if candidate != STANDARD:
                 unet.load_state_dict(reconstruct(run_dir, candidate, step)[0])
             pictures.append(sampling.grid(sampling.sample(unet, scheduler, num_images, steps, seed, num_images)))
             names.append("run's EMA" if candidate == STANDARD else f"sigma_rel {candidate:.2f}")  # PIL's font: ASCII
-    finally:
-        unet.load_state_dict(pipeline_weights)
     width, height, label = pictures[0].width, pictures[0].height, 14
     sheet = Image.new("RGB", (len(pictures) * (width + 4), height + label), "white")
     draw = ImageDraw.Draw(sheet)
@@ -151,11 +145,10 @@ def apply(run_dir: str | Path, unet: torch.nn.Module, scheduler: DDPMScheduler, 
             for name in ("model_index.json", "unet", "scheduler"):
                 source = run_dir / name
                 (shutil.copytree if source.is_dir() else shutil.copyfile)(source, kept / name)
-        pipeline_weights = {name: tensor.clone() for name, tensor in unet.state_dict().items()}
-        if chosen["candidate"] != STANDARD:
-            unet.load_state_dict(reconstruct(run_dir, chosen["candidate"], chosen["recipe"]["step"])[0])
-        save_pipeline(unet, scheduler, str(run_dir))
-        unet.load_state_dict(pipeline_weights)
+        with weights_restored(unet):
+            if chosen["candidate"] != STANDARD:
+                unet.load_state_dict(reconstruct(run_dir, chosen["candidate"], chosen["recipe"]["step"])[0])
+            save_pipeline(unet, scheduler, str(run_dir))
     summary_path = run_dir / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary["post_hoc_ema"] = selection_record(chosen, select_by)

@@ -13,10 +13,10 @@ from diffusers import DDPMScheduler
 from torchvision.transforms import v2
 
 from . import sampling
-from .data import LazyImages, evaluation_tensor, load_image_dataset, prepare_images
+from .data import evaluation_tensor, read_images, validation_dataset_images
 from .likelihood import bits_per_dim, heldout_loss
 from .memorization import memorization, nearest_picture
-from .options import first_line
+from .records import read_json
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
@@ -61,7 +61,7 @@ class RunImages(ReferenceImages):
 
     def __init__(self, run_dir: str | Path, part: str, resolution: int):
         run_dir = Path(run_dir)
-        args, held = _read_json(run_dir / "training_args.json"), _read_json(run_dir / "validation_images.json")
+        args, held = read_json(run_dir / "training_args.json"), read_json(run_dir / "validation_images.json")
         if not args or (part == "heldout" and not held):
             raise ValueError(
                 f"{run_dir} records no held-out images (no training_args.json/validation_images.json); train with "
@@ -86,36 +86,6 @@ class RunImages(ReferenceImages):
             self.images = [image for index, image in enumerate(self.images) if (index in indices) == wanted]
             self.split = f"train: the {len(indices)} images held out" if part == "heldout" else "train, less held-out"
         self.crop, self.resolution = v2.CenterCrop(resolution), resolution
-
-
-def read_images(
-    name: str | None,
-    config_name: str | None,
-    data_dir: str | None,
-    image_column: str,
-    cache_dir: str | None,
-    split: str,
-    resolution: int,
-) -> tuple[list[torch.Tensor] | LazyImages, list[str]]:
-    """`load_image_dataset` then `prepare_images`, with any failure as one ValueError line naming the source."""
-    try:
-        return prepare_images(load_image_dataset(name, config_name, data_dir, image_column, cache_dir, split),
-                              image_column, resolution)  # fmt: skip
-    except (FileNotFoundError, ValueError) as error:  # datasets' DatasetNotFoundError is a FileNotFoundError
-        raise ValueError(
-            f"cannot read images from {data_dir or name} (split {split}): {first_line(error)}; "
-            "give a folder of images, a dataset folder or a Hub dataset name."
-        ) from None
-
-
-def validation_dataset_images(name: str, image_column: str, cache_dir, resolution: int, count: int | None):
-    """--validation_dataset's images: its train split, the first `count` of them (all when 0 or None)."""
-    images, skipped = read_images(name, None, None, image_column, cache_dir, "train", resolution)
-    return images[: count or None], skipped
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def image_sets(reference, split, image_column, resolution, train_reference, run_dir, memorization_asked):

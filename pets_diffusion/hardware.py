@@ -2,9 +2,8 @@
 
 bf16 pays on a CPU only where the matrix units take it natively: Intel's AMX (Sapphire Rapids and
 later), AVX512-BF16 (Cooper Lake, AMD Zen 4 and later) and Arm's BF16 extension (Graviton 3,
-Neoverse V1/N2, Apple M2 and later). Elsewhere oneDNN converts to fp32 and bf16 runs slower.
-Measured on the 2-core development VMs (benchmarks/README.md): training 2.3-2.4x faster with AMX,
-~2x with AVX512-BF16 and slower on AVX2-only EPYCs.
+Neoverse V1/N2, Apple M2 and later). Elsewhere oneDNN converts to fp32 and bf16 runs slower
+(benchmarks/README.md has the measurements). Also: where float64 arithmetic can run.
 """
 
 import functools
@@ -16,6 +15,8 @@ import torch
 
 # CPU flag (as Linux's /proc/cpuinfo names it) -> the name we report, best first.
 BF16_FLAGS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16", "bf16": "Arm BF16"}
+# Device types whose kernels have no float64.
+NO_FLOAT64 = ("mps",)
 # macOS names the same features in sysctl: x86 `machdep.cpu.*features`, Apple silicon `hw.optional.arm.FEAT_*`.
 MACOS_FLAGS = {"AMX_BF16": "amx_bf16", "AVX512BF16": "avx512_bf16", "FEAT_BF16": "bf16"}
 
@@ -43,6 +44,13 @@ def native_bf16(device: torch.device | str) -> bool:
 def auto_dtype(device: torch.device | str) -> torch.dtype:
     """bfloat16 where `device` runs it natively, else float32: the faster choice for sampling."""
     return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
+def float64_device(device: torch.device | str) -> torch.device:
+    """Where float64 arithmetic for a model on `device` runs: that device, or the CPU where it has no float64
+    (Apple's MPS). The bound's terms and the weight checksums are float64."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type in NO_FLOAT64 else device
 
 
 def describe_cpu() -> str:

@@ -4,15 +4,18 @@ import json
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData, SpaceCard, SpaceCardData
+from huggingface_hub import DatasetCard, HfApi, ModelCard, ModelCardData, SpaceCard, SpaceCardData
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from . import unet as unet_module
+from .data import DEFAULT_DATASET
 from .objective import DEFAULT_VLB_WEIGHT, LEARNED_VARIANCE
 from .options import first_line
+from .records import read_json
 
 REMOTE_MODULE = "pets_unet"  # unet/pets_unet.py on the Hub; model_index.json names ["pets_unet", "PetsUNet2DModel"]
 PIPELINE_FILES = (
@@ -150,7 +153,7 @@ def _commit_folder(api: HfApi, repo_id, folder, repo_type, private, revision, me
     return commit.commit_url
 
 
-SPACE_MODULES = ("objective.py", "sampling.py", "hardware.py", "demo.py")  # demo.py and what it imports
+SPACE_MODULES = ("objective.py", "sampling.py", "hardware.py", "records.py", "demo.py")  # demo.py and what it imports
 SPACE_PACKAGE = "pets_diffusion_demo"
 SPACE_APP = '''"""A Gradio Space for {model}: pets from an unconditional DDPM (pets-diffusion)."""
 
@@ -194,16 +197,16 @@ def render_model_card(output_dir: str | Path, repo_id: str, export_dir: str | Pa
     output_dir = Path(output_dir)
     unet_config = json.loads((output_dir / "unet" / "config.json").read_text())
     scheduler_config = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
-    args = _read_json(output_dir / "training_args.json")
-    summary = _read_json(output_dir / "train_summary.json")
-    dataset = args.get("dataset_name") or "pcuenq/oxford-pets"
-    hub_dataset = args.get("train_data_dir") is None and not Path(dataset).expanduser().exists()
+    args = read_json(output_dir / "training_args.json")
+    summary = read_json(output_dir / "train_summary.json")
+    data = training_data(args)
+    tags = ["unconditional-image-generation", "diffusers", "pytorch", "ddpm", "diffusion-models-class"]
     card_data = ModelCardData(
         library_name="diffusers",
-        license="cc-by-sa-4.0",
-        datasets=[dataset] if hub_dataset else None,
+        license=data.license,
+        datasets=[data.hub_id] if data.hub_id else None,
         pipeline_tag="unconditional-image-generation",
-        tags=["unconditional-image-generation", "diffusers", "pytorch", "ddpm", "diffusion-models-class", "pets"],
+        tags=tags + (["pets"] if data.oxford_pets else []),
         model_name=repo_id.split("/")[-1],
     )
     levels = len(unet_config["block_out_channels"])
@@ -233,7 +236,10 @@ def render_model_card(output_dir: str | Path, repo_id: str, export_dir: str | Pa
         learned_variance=scheduler_config.get("variance_type") == LEARNED_VARIANCE,
         beta_schedule=scheduler_config.get("beta_schedule", "linear"),
         num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
-        dataset_description=_dataset_description(args, summary, dataset, hub_dataset),
+        dataset=data.name,
+        dataset_description=_dataset_description(data, summary),
+        dataset_license=data.license or "",
+        oxford_pets=data.oxford_pets,
         global_step=summary.get("global_step", "unknown"),
         total_batch_size=summary.get("total_batch_size", "unknown"),
         learning_rate=args.get("learning_rate", "unknown"),
@@ -258,15 +264,44 @@ def model_card_template() -> Path:
     raise FileNotFoundError("model_card.md template not found; reinstall pets-diffusion.")
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+@dataclass
+class TrainingData:
+    """What a run trained on, as its model card names it."""
+
+    name: str  # markdown: the dataset and where it came from
+    license: str | None  # the Hub's licence id, when the data says it
+    hub_id: str | None  # the Hub dataset, for the card's `datasets:`
+    oxford_pets: bool  # Oxford-IIIT Pet: its licence and citation apply
 
 
-def _dataset_description(args: dict, summary: dict, dataset: str, hub_dataset: bool) -> str:
+OXFORD_PETS = "Oxford-IIIT Pet"
+OXFORD_PETS_LICENSE = "cc-by-sa-4.0"
+OXFORD_PETS_HUB_IDS = {DEFAULT_DATASET, "timm/oxford-iiit-pet"}  # Hub copies of it
+
+
+def training_data(args: dict) -> TrainingData:
+    """The data a run's training_args.json names: an image folder, a local dataset or Parquet file (with the
+    licence and name its dataset card gives), or a Hub dataset (Oxford-IIIT Pet if it is a known copy)."""
+    if args.get("train_data_dir"):
+        return TrainingData(f"the image folder `{Path(args['train_data_dir']).name}`", None, None, False)
+    dataset = args.get("dataset_name") or DEFAULT_DATASET
+    path = Path(dataset).expanduser()
+    if path.exists():
+        readme = (path if path.is_dir() else path.parent) / "README.md"
+        card = DatasetCard.load(readme).data.to_dict() if readme.is_file() else {}
+        kind = "the local dataset" if path.is_dir() else "the Parquet file"
+        title = card.get("pretty_name")
+        name = f"{title}, from {kind} `{path.name}`" if title else f"{kind} `{path.name}`"
+        return TrainingData(name, card.get("license"), None, OXFORD_PETS in (title or ""))
+    oxford_pets = dataset in OXFORD_PETS_HUB_IDS
+    link = f"[{dataset}](https://huggingface.co/datasets/{dataset})"
+    name = f"{OXFORD_PETS} (Parkhi et al., 2012), from {link}" if oxford_pets else link
+    return TrainingData(name, OXFORD_PETS_LICENSE if oxford_pets else None, dataset, oxford_pets)
+
+
+def _dataset_description(data: TrainingData, summary: dict) -> str:
     count = summary.get("train_images")
-    source = f"[{dataset}](https://huggingface.co/datasets/{dataset})" if hub_dataset else "a local copy"
-    text = f"Oxford-IIIT Pet (Parkhi et al., 2012), from {source}"
-    text += f": {count} images." if count else "."
+    text = f"{data.name[0].upper()}{data.name[1:]}" + (f": {count} images." if count else ".")
     skipped = summary.get("skipped_images") or []
     if skipped:
         text += f" {len(skipped)} unreadable image(s) were skipped."

@@ -18,6 +18,7 @@ import torch
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
+from .hardware import float64_device
 from .objective import DiffusionTerms, check_variance_channels, model_prediction, prediction_errors
 
 
@@ -51,13 +52,16 @@ def timestep_strata(num_kl_terms: int, num_timesteps: int | None) -> np.ndarray:
     return np.floor(np.linspace(1, num_kl_terms + 1, count + 1)).astype(int)
 
 
-def sampled_term(unet, terms: DiffusionTerms, x0, t, generator, dtype) -> torch.Tensor:
-    """The bound's term at t for each image, with x_t drawn from q(x_t | x_0) with fresh noise."""
+def sampled_term(unet, terms: DiffusionTerms, x0, t, generator, dtype, device) -> torch.Tensor:
+    """The bound's term at t for each image, with x_t drawn from q(x_t | x_0) with fresh noise.
+
+    x0, t and the terms are float64 on their own device; the model runs in `dtype` on `device`.
+    """
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
     x_t = terms.noised(x0, t, noise)
-    prediction, variance_values = model_prediction(unet, x_t.to(dtype), t)
-    variance_values = variance_values.to(torch.float64) if variance_values is not None else None
-    return terms.term_bits(x0, x_t, t, prediction.to(torch.float64), variance_values)
+    prediction, variance_values = model_prediction(unet, x_t.to(device, dtype), t.to(device))
+    variance_values = variance_values.to(x0.device, torch.float64) if variance_values is not None else None
+    return terms.term_bits(x0, x_t, t, prediction.to(x0.device, torch.float64), variance_values)
 
 
 @torch.no_grad()
@@ -76,29 +80,31 @@ def bits_per_dim(
     stratified sampling: t = 1 .. T-1 is cut into K near-equal strata, each image draws one t
     uniformly from each, and the term is weighted by the stratum's size, which is unbiased. Every
     image's estimate is independent of the others', so the standard error over images includes
-    the spread the timestep sampling adds. The prior and decoder terms are always exact.
+    the spread the timestep sampling adds. The prior and decoder terms are always exact. The terms are
+    float64, on the model's device or, where it has no float64, on the CPU (`hardware.float64_device`).
     """
     check_images(unet, images)
     check_variance_channels(unet, scheduler)
     device, dtype = model_device(unet), model_dtype(unet)
-    terms = DiffusionTerms(scheduler, device)
+    arithmetic = float64_device(device)
+    terms = DiffusionTerms(scheduler, arithmetic)
     strata = timestep_strata(terms.num_timesteps - 1, num_timesteps)
     generator = torch.Generator().manual_seed(seed)
     prior, decoder, kl = [], [], []
     batches = range(0, len(images), batch_size)
     bar = tqdm(total=len(batches) * len(strata), desc="bits/dim", disable=not progress, leave=False)
     for start in batches:
-        x0 = images[start : start + batch_size].to(device, torch.float64)
+        x0 = images[start : start + batch_size].to(arithmetic, torch.float64)
         count = len(x0)
 
         prior.append(terms.prior_bits(x0).cpu())
-        t = torch.zeros(count, dtype=torch.long, device=device)
-        decoder.append(sampled_term(unet, terms, x0, t, generator, dtype).cpu())
+        t = torch.zeros(count, dtype=torch.long, device=arithmetic)
+        decoder.append(sampled_term(unet, terms, x0, t, generator, dtype, device).cpu())
         bar.update(1)
-        kl_sum = torch.zeros(count, dtype=torch.float64, device=device)
+        kl_sum = torch.zeros(count, dtype=torch.float64, device=arithmetic)
         for low, high in zip(strata[:-1], strata[1:]):
-            t = torch.randint(int(low), int(high), (count,), generator=generator).to(device)
-            kl_sum += (high - low) * sampled_term(unet, terms, x0, t, generator, dtype)
+            t = torch.randint(int(low), int(high), (count,), generator=generator).to(arithmetic)
+            kl_sum += (high - low) * sampled_term(unet, terms, x0, t, generator, dtype, device)
             bar.update(1)
         kl.append(kl_sum.cpu())
     bar.close()

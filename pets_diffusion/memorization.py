@@ -30,7 +30,7 @@ def memorization(samples: torch.Tensor, train_images: torch.Tensor, heldout_imag
     heldout_distances, _ = nearest_neighbours(heldout_images, train_images)
     threshold = heldout_distances.median()
     return {
-        "memorization_share": (sample_distances < threshold).double().mean().item(),
+        "memorization_share": (sample_distances < threshold).float().mean().item(),
         "median_sample_distance": sample_distances.median().item(),
         "median_heldout_distance": threshold.item(),
         "num_samples": len(samples),

@@ -70,12 +70,21 @@ def original_from_prediction(
     raise ValueError(f"Unknown prediction type {prediction_type!r}; use epsilon, v_prediction or sample.")
 
 
+def noised_prediction(model, noise_scheduler, clean_images, noise, timesteps):
+    """Noise the images to x_t (DDPM eq. 4) and run the model on them.
+
+    Returns x_t, the prediction in fp32 (its mean channels), the variance values (or None) and the target.
+    """
+    noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+    prediction, variance_values = model_prediction(model, noisy_images, timesteps)
+    target = prediction_target(noise_scheduler, clean_images, noise, timesteps)
+    return noisy_images, prediction.float(), variance_values, target
+
+
 def prediction_errors(model, noise_scheduler, clean_images, noise, timesteps) -> torch.Tensor:
     """Per-image mean squared error of the model's prediction (its mean channels) against its target."""
-    noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
-    prediction, _ = model_prediction(model, noisy_images, timesteps)
-    target = prediction_target(noise_scheduler, clean_images, noise, timesteps)
-    return F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+    _, prediction, _, target = noised_prediction(model, noise_scheduler, clean_images, noise, timesteps)
+    return F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
 
 
 def diffusion_loss(
@@ -88,26 +97,27 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """Noise the images at random timesteps and return the training loss, in fp32.
 
-    L_simple (DDPM eq. 14: the MSE against the prediction target, min-SNR weighted when `snr_gamma` is
-    set); for a learned variance L_hybrid = L_simple + λ L_vlb (iDDPM eq. 16), with `terms` the
+    L_simple (DDPM eq. 14: the MSE against the prediction target; for x_0 weighted by SNR(t) = ᾱ_t / (1 - ᾱ_t),
+    which equals ε's MSE, as diffusers' example trains it; min-SNR weighted when `snr_gamma` is set, Hang et
+    al. 2023 eq. 7); for a learned variance L_hybrid = L_simple + λ L_vlb (iDDPM eq. 16), with `terms` the
     schedule's Gaussian terms and λ = `vlb_weight`.
     """
     noise = torch.randn_like(clean_images)
     timesteps = torch.randint(
         0, noise_scheduler.config.num_train_timesteps, (clean_images.shape[0],), device=clean_images.device
     )
-    noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
-    prediction, variance_values = model_prediction(model, noisy_images, timesteps)
-    prediction = prediction.float()
-    target = prediction_target(noise_scheduler, clean_images, noise, timesteps)
-    if snr_gamma is None:
+    noisy_images, prediction, variance_values, target = noised_prediction(
+        model, noise_scheduler, clean_images, noise, timesteps
+    )
+    prediction_type = noise_scheduler.config.prediction_type
+    if snr_gamma is None and prediction_type != "sample":
         loss = F.mse_loss(prediction, target)
-    else:
+    else:  # x_0 is weighted by SNR(t) (as diffusers' example does), which makes its MSE ε's; min-SNR clips it at γ
         snr = compute_snr(noise_scheduler, timesteps)
-        clipped = torch.clamp(snr, max=snr_gamma)
+        clipped = snr if snr_gamma is None else torch.clamp(snr, max=snr_gamma)
         weights = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}
         per_image = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_image * weights[noise_scheduler.config.prediction_type]).mean()
+        loss = (per_image * weights[prediction_type]).mean()
     if variance_values is None:
         return loss
     if terms is None:

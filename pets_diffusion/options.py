@@ -13,19 +13,13 @@ from pathlib import Path
 import torch
 
 from .checkpoints import checkpoint_step, resolve_checkpoint
-from .data import DEFAULT_DATASET
+from .data import DEFAULT_DATASET, first_line
 from .objective import DEFAULT_VLB_WEIGHT, LEARNED_VARIANCE
 from .unet import PetsUNet2DModel
 
 
 class UsageError(ValueError):
     """An argument the run cannot start with; the message names the problem and the fix."""
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's message cut to its first line (its type's name when it has none), for one-line errors."""
-    message = str(error).strip()
-    return message.splitlines()[0] if message else type(error).__name__
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -102,11 +96,16 @@ def build_parser(prog: str = "train_unconditional.py") -> argparse.ArgumentParse
     # Data
     add(
         "--dataset_name",
-        default=DEFAULT_DATASET,
-        help="A Hub dataset, a local dataset folder or a .parquet file (default: %(default)s).",
+        default=None,
+        help=f"A Hub dataset, a local dataset folder or a .parquet file (default: {DEFAULT_DATASET}).",
     )
     add("--dataset_config_name", default=None, help="The dataset's config, if it has several.")
-    add("--train_data_dir", default=None, help="An image folder; wins over --dataset_name.")
+    add(
+        "--train_data_dir",
+        default=None,
+        help="An image folder, instead of --dataset_name (both is refused: diffusers' example would take "
+        "--dataset_name and ignore the folder).",
+    )
     add("--image_column", default="image", help="The dataset column holding the images.")
     add("--cache_dir", default=None, help="Where downloaded datasets are cached.")
     add("--resolution", type=positive_int, default=64, help="Training images are resized and cropped to this.")
@@ -143,7 +142,12 @@ def build_parser(prog: str = "train_unconditional.py") -> argparse.ArgumentParse
         default=None,
         help="A folder or config.json for PetsUNet2DModel; default: the seed design at --resolution.",
     )
-    add("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
+    add(
+        "--prediction_type",
+        default="epsilon",
+        choices=["epsilon", "v_prediction", "sample"],
+        help="What the UNet predicts; `sample` (x_0) is trained SNR-weighted, as in diffusers' example.",
+    )
     add("--ddpm_num_steps", type=positive_int, default=1000, help="Diffusion steps in training.")
     add("--ddpm_num_inference_steps", type=positive_int, default=1000, help="Sampling steps for sample grids.")
     add("--ddpm_beta_schedule", default="linear", choices=["linear", "squaredcos_cap_v2"])
@@ -173,6 +177,12 @@ def build_parser(prog: str = "train_unconditional.py") -> argparse.ArgumentParse
     )
     add("--gradient_accumulation_steps", type=positive_int, default=1)
     add("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
+    add(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Accepted for diffusers' example's sake; changes nothing: the attention already runs through PyTorch's "
+        "scaled_dot_product_attention, which picks a memory-efficient or flash kernel itself, without xformers.",
+    )
     add("--learning_rate", type=positive_float, default=1e-4)
     add(
         "--lr_scheduler",
@@ -221,7 +231,20 @@ def build_parser(prog: str = "train_unconditional.py") -> argparse.ArgumentParse
         default=None,
         help="Keep weights and activations channels-last (default: on CPU yes, on GPUs no; the faster there).",
     )
-    add("--seed", type=int_range(0, 2**32 - 1), default=None, help="Seed for a reproducible, exactly resumable run.")
+    add(
+        "--seed",
+        type=int_range(0, 2**32 - 1),
+        default=None,
+        help="Seed of the weights, held-out images, data order and noise (default: drawn once and recorded in "
+        "training_args.json and the checkpoints, which a resume keeps).",
+    )
+    add(
+        "--ddp_timeout",
+        type=positive_float,
+        default=7200.0,
+        help="Seconds a collective of several processes may wait before the run fails (default %(default)g, as "
+        "diffusers' example); waits for the main process alone (saves, measurements, pushes) may take a day.",
+    )
     # Outputs
     add("--output_dir", default="ddpm-model-64", help="Pipeline, checkpoints, logs and samples go here.")
     add("--overwrite_output_dir", action="store_true", help="Empty --output_dir before training.")
@@ -246,6 +269,8 @@ def build_parser(prog: str = "train_unconditional.py") -> argparse.ArgumentParse
 def parse_args(argv: list[str] | None = None, prog: str = "train_unconditional.py") -> argparse.Namespace:
     """Parse `argv` (default: sys.argv); LOCAL_RANK from the launcher wins over --local_rank."""
     args = build_parser(prog).parse_args(argv)
+    if args.dataset_name is None and args.train_data_dir is None:
+        args.dataset_name = DEFAULT_DATASET
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1:
         args.local_rank = env_local_rank
@@ -296,6 +321,11 @@ def _check_output_dir(output_dir: Path) -> None:
 
 
 def _check_data_source(args: argparse.Namespace) -> None:
+    if args.train_data_dir is not None and args.dataset_name is not None:
+        raise UsageError(
+            f"--dataset_name {args.dataset_name} and --train_data_dir {args.train_data_dir} name two datasets; "
+            "give one of them."
+        )
     if args.train_data_dir is not None:
         if not Path(args.train_data_dir).is_dir():
             raise UsageError(f"--train_data_dir {args.train_data_dir} is not a folder; give a folder of images.")

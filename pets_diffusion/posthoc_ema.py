@@ -12,6 +12,7 @@ which our exact resume and weights-only loading cannot take.
 """
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +163,13 @@ def reconstruct(output_dir: str | Path, sigma_rel: float, step: int | None = Non
             state[name] = state[name].add_(contribution) if name in state else contribution
     recipe = {"sigma_rel": sigma_rel, "step": step, "snapshots": len(usable), "weights": weights.tolist()}
     return {name: tensor.float() for name, tensor in state.items()}, recipe
+
+
+@contextmanager
+def weights_restored(model: torch.nn.Module):
+    """Whatever weights are loaded into `model` inside the block (an EMA, a reconstruction), it gets its own back."""
+    saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    try:
+        yield model
+    finally:
+        model.load_state_dict(saved)

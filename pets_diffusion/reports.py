@@ -2,6 +2,7 @@
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,25 +15,18 @@ from diffusers.training_utils import EMAModel
 from . import sampling
 from .hardware import describe_cpu
 from .plotting import plot_loss_curve
+from .posthoc_ema import weights_restored
 
 logger = get_logger(__name__)
 
 
-class EMAWeights:
-    """Swap the EMA weights into a model for sampling or saving, and back again."""
-
-    def __init__(self, ema: EMAModel | None, model: torch.nn.Module):
-        self.ema, self.model = ema, model
-
-    def __enter__(self) -> torch.nn.Module:
-        if self.ema is not None:
-            self.ema.store(self.model.parameters())
-            self.ema.copy_to(self.model.parameters())
-        return self.model
-
-    def __exit__(self, *exc) -> None:
-        if self.ema is not None:
-            self.ema.restore(self.model.parameters())
+@contextmanager
+def ema_weights(ema: EMAModel | None, model: torch.nn.Module):
+    """The model with the EMA weights in it, for sampling or saving; its own weights come back after."""
+    with weights_restored(model):
+        if ema is not None:
+            ema.copy_to(model.parameters())
+        yield model
 
 
 def write_summary(output_dir: str, summary: dict) -> None:

@@ -45,13 +45,17 @@ def reverse_process(
     """Run the reverse process from `noise`, yielding (index, timestep, x_t, prediction, next sample) each step.
 
     The prediction is the model's ε, v or x_0 (without a learned variance's channels, which only DDPM's
-    and DPM-Solver++'s steps take: DDIM's is deterministic).
+    and DPM-Solver++'s steps take: DDIM's is deterministic). x_t and the scheduler's arithmetic stay in
+    float32 whatever the UNet's dtype: a bf16 UNet sees x_t in bf16 and its output comes back as float32.
+    (DDPMPipeline keeps x_t in the UNet's dtype, so with a bf16 UNet every one of its steps rounds x_t to
+    bf16's 8-bit mantissa.)
     """
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
-    sample = noise * scheduler.init_noise_sigma
+    sample = noise.float() * scheduler.init_noise_sigma
     channels = sample.shape[1]
     for index, timestep in enumerate(tqdm(scheduler.timesteps, disable=not progress, leave=False)):
-        model_output = unet(scheduler.scale_model_input(sample, timestep), timestep).sample
+        model_input = scheduler.scale_model_input(sample, timestep).to(unet.dtype)
+        model_output = unet(model_input, timestep).sample.float()
         step_input = model_output if takes_learned_variance(scheduler) else model_output[:, :channels]
         previous = scheduler.step(step_input, timestep, sample, generator=generator).prev_sample
         yield index, timestep, sample, model_output[:, :channels], previous
@@ -90,9 +94,9 @@ def denoise(
 
 
 def initial_noise(unet: torch.nn.Module, count: int, generator: torch.Generator) -> torch.Tensor:
-    """x_T for `count` images, drawn as DDPMPipeline draws it."""
+    """x_T for `count` images, drawn as DDPMPipeline draws it for a float32 UNet (in float32 for any UNet)."""
     size, channels = unet.config.sample_size, unet.config.in_channels
-    return randn_tensor((count, channels, size, size), generator=generator, device=unet.device, dtype=unet.dtype)
+    return randn_tensor((count, channels, size, size), generator=generator, device=unet.device, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -107,7 +111,8 @@ def sample(
 ) -> list[Image.Image]:
     """Generate `num_images` PIL images; the same seed and batch size give the same images.
 
-    Within a batch this matches `DDPMPipeline(unet, scheduler)(generator=manual_seed(seed))`.
+    Within a batch this matches `DDPMPipeline(unet, scheduler)(generator=manual_seed(seed))` for a float32
+    UNet; for a bf16 one it keeps x_t in float32 where the pipeline keeps it in bf16 (see `reverse_process`).
     """
     steps = num_inference_steps or scheduler.config.num_train_timesteps
     generator = torch.Generator().manual_seed(seed)

@@ -92,3 +92,12 @@ def is_disk_full(error: BaseException, folder: Path) -> bool:
 
 def megabytes(count: int) -> str:
     return f"{count / 1e6:,.1f} MB"
+
+
+def out_of_space(folder: Path, what: str, needed: int, intact: str) -> DiskFull:
+    """The one-line error of a save that ran out of space: where, what, how much, what is intact, what to do."""
+    return DiskFull(
+        f"no space left on device in {folder} while saving {what}: it needs about {megabytes(needed)}, "
+        f"{megabytes(free_bytes(folder))} are free; {intact}. Free space, then resume with "
+        "--resume_from_checkpoint latest."
+    )

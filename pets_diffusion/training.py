@@ -21,15 +21,16 @@ from .checkpoints import (
     register_model_hooks,
     save_checkpoint,
     save_pipeline,
-    shape_differences,
+    setup_differences,
 )
 from .data import TrainingImages, augmentation, prepare_images
+from .hardware import float64_device
 from .interruption import EXIT_INTERRUPTED, StopRequests, ignore_stop_signals
 from .layout import chosen_memory_format
 from .objective import DEFAULT_VLB_WEIGHT, LEARNED_VARIANCE, DiffusionTerms, diffusion_loss
 from .options import UsageError, build_model_config, parse_args, validate_args
 from .posthoc_ema import remove_snapshots_after
-from .reports import EMAWeights, device_name, hparams, push_run, write_sample_grid, write_summary
+from .reports import device_name, ema_weights, hparams, push_run, write_sample_grid, write_summary
 from .runlock import OutputDirBusy
 from .storage import DamagedFolder, DiskFull, read_manifest
 from .unet import PetsUNet2DModel
@@ -71,7 +72,7 @@ def train(args) -> dict:
 
     The run holds --output_dir's lock throughout: a second run there is refused at once.
     """
-    lock = components.lock_output_dir(args.output_dir)
+    lock = components.lock_output_dir(args.output_dir, args.ddp_timeout)
     try:
         loop = TrainLoop(args)
         loop.resume()
@@ -89,25 +90,34 @@ class TrainLoop:
         self.args = args
         self.started = time.perf_counter()
         self.accelerator = components.make_accelerator(args)
+        self.wait_for_main_process = components.MainProcessWait(self.accelerator)
         with self.accelerator.main_process_first():  # first: a missing dataset ends the run before anything is written
             dataset = components.load_training_images(args)
         check_held_out_count(args, len(dataset))
         components.log_environment(self.accelerator)
-        if args.seed is not None:
-            set_seed(args.seed)
-        self.data_seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31, ()).item())
+        components.tune_cpu_allocator(self.accelerator)
+        self.checkpoint = (
+            intact_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+        )
+        self.saved_setup = (read_manifest(self.checkpoint) or {}).get("run") if self.checkpoint else None
+        recorded_seed = (self.saved_setup or {}).get("seed")
+        self.seed = components.run_seed(self.accelerator, args.seed, recorded_seed)
+        set_seed(self.seed)  # every process builds the same initial weights
         images, self.skipped = prepare_images(dataset, args.image_column, args.resolution)
-        images, self.validation = split_validation(args, images, self.data_seed, self.accelerator.device)
+        images, self.validation = split_validation(args, images, self.seed, self.accelerator.device)
         self.prepare_output_dir()
         self.build_model()
         self.build_data(images)
         self.build_optimizer()
+        self.seed_noise()
         if self.accelerator.is_main_process:
             self.accelerator.init_trackers("train_unconditional", config=hparams(args))
         self.global_step, self.first_epoch, self.batches_to_skip, self.resumed_from = 0, 0, 0, None
         self.steps_this_run, self.images_per_second, self.out_of_time, self.interrupted = 0, 0.0, False, False
         self.post_hoc_choice = None  # what choose_post_hoc_ema picked, for the summary
         self.accumulated_loss = torch.zeros((), device=self.accelerator.device)
+        self.step_loss, self.grad_norm = math.nan, None  # the last optimiser step's
+        self.progress, self.step_started, self.stop_requests = None, self.started, StopRequests()  # run_loop's
 
     # -- set-up ---------------------------------------------------------------------------------------
 
@@ -119,6 +129,7 @@ class TrainLoop:
                 empty_output_dir(args.output_dir)
             os.makedirs(args.output_dir, exist_ok=True)
             arguments = {key: value for key, value in vars(args).items() if key != "hub_token"}
+            arguments["seed"] = self.seed  # drawn when --seed was not given: the record makes the run repeatable
             Path(args.output_dir, "training_args.json").write_text(json.dumps(arguments, indent=2) + "\n")
             if self.validation is not None:
                 write_held_out(args.output_dir, self.validation)
@@ -146,8 +157,8 @@ class TrainLoop:
         """Serve the decoded images augmented, in a seeded order per epoch."""
         args = self.args
         transform = augmentation(args.resolution, args.center_crop, args.random_flip)
-        self.dataset = TrainingImages(images, transform, self.data_seed)
-        dataloader = components.make_dataloader(args, self.dataset, self.data_seed, self.accelerator.device)
+        self.dataset = TrainingImages(images, transform, self.seed)
+        dataloader = components.make_dataloader(args, self.dataset, self.seed, self.accelerator.device)
         self.dataloader = self.accelerator.prepare(dataloader)
         self.steps_per_epoch = math.ceil(len(self.dataloader) / args.gradient_accumulation_steps)
         self.max_train_steps = args.max_train_steps or args.num_epochs * self.steps_per_epoch
@@ -172,16 +183,22 @@ class TrainLoop:
             self.post_hoc.to(self.accelerator.device)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
 
+    def seed_noise(self) -> None:
+        """Give each process its own noise and timesteps, derived from the run's seed (seed + process index):
+        with one stream for all, N processes would average N times the images but not N times the noise."""
+        set_seed(self.seed, device_specific=True)
+
     def resume(self) -> None:
         """Load the checkpoint --resume_from_checkpoint names, and find where in which epoch it stopped."""
         if not self.args.resume_from_checkpoint:
             return
-        checkpoint = intact_checkpoint(self.args.output_dir, self.args.resume_from_checkpoint)
+        checkpoint, saved = self.checkpoint, self.saved_setup
         if checkpoint is None:
             logger.info("No checkpoint to resume from yet: starting a new run.")
             return
-        saved = (read_manifest(checkpoint) or {}).get("run")
-        differences = shape_differences(saved, self.run_shape()) if saved else []
+        if saved is not None and "seed" not in saved:  # saved before checkpoints recorded the seed
+            saved = {**saved, "seed": self.seed}
+        differences = setup_differences(saved, self.run_setup()) if saved else []
         if differences:
             raise UsageError(
                 f"{checkpoint.name} was saved by a run set up otherwise ({'; '.join(differences)}); resume with "
@@ -207,7 +224,6 @@ class TrainLoop:
             disable=not self.accelerator.is_local_main_process,
         )
         self.step_started = time.perf_counter()
-        self.stop_requests = StopRequests()
         self.stop_requests.install()
         for epoch in range(self.first_epoch, self.num_epochs):
             self.model.train()
@@ -289,7 +305,7 @@ class TrainLoop:
         if self.validation is not None and step % args.validation_steps == 0:
             if self.accelerator.is_main_process:  # the trained (non-EMA) weights, as the training loss
                 self.validation.log_loss(self.unwrapped, self.noise_scheduler, self.accelerator, step)
-            self.accelerator.wait_for_everyone()
+            self.wait_for_main_process()
         if args.max_train_time is not None:
             self.out_of_time = components.time_is_up(self.accelerator, self.started, args.max_train_time, step)
         self.interrupted = any_process(self.accelerator, self.stop_requests.requested is not None)
@@ -337,15 +353,16 @@ class TrainLoop:
         states = 3 + (self.ema is not None) + 2 * (self.post_hoc is not None)  # weights, Adam's two moments, EMAs
         expected = states * sum(parameter.numel() * 4 for parameter in self.unwrapped.parameters())
         save_checkpoint(self.accelerator, args.output_dir, self.global_step, args.checkpoints_total_limit,
-                        self.resumed_from, self.run_shape(), expected)  # fmt: skip
+                        self.resumed_from, self.run_setup(), expected)  # fmt: skip
 
-    def run_shape(self) -> dict:
-        """What a checkpoint can only be resumed with: the model, the data's shape, the processes, the diffusion."""
+    def run_setup(self) -> dict:
+        """The run's setup, which a checkpoint can only be resumed with: model, batch, processes, seed, diffusion."""
         args = self.args
         names = ("resolution", "train_batch_size", "gradient_accumulation_steps", "prediction_type", "variance_type",
                  "ddpm_num_steps", "ddpm_beta_schedule", "use_ema", "post_hoc_ema")  # fmt: skip
         shape = {name: getattr(args, name) for name in names}
-        return {"unet": build_model_config(args), "num_processes": self.accelerator.num_processes, **shape}
+        return {"unet": build_model_config(args), "num_processes": self.accelerator.num_processes, "seed": self.seed,
+                **shape}  # fmt: skip
 
     def stop_interrupted(self) -> None:
         """After the checkpoint a signal asked for: record the stop, then end with Interrupted."""
@@ -366,9 +383,9 @@ class TrainLoop:
 
     def save_samples(self) -> None:
         if self.accelerator.is_main_process:
-            with EMAWeights(self.ema, self.unwrapped) as unet:
+            with ema_weights(self.ema, self.unwrapped) as unet:
                 write_sample_grid(unet, self.noise_scheduler, self.args, self.accelerator, self.global_step)
-        self.accelerator.wait_for_everyone()
+        self.wait_for_main_process()
 
     def save_model(self, commit_message: str, final: bool = False) -> None:
         """Save the (EMA) pipeline and the run summary the model card reads; at the end choose the post-hoc EMA;
@@ -381,12 +398,13 @@ class TrainLoop:
                 failure = error
             if failure is None and self.args.push_to_hub:
                 push_run(self.args, commit_message)
+        self.wait_for_main_process()
         if any_process(self.accelerator, failure is not None):  # every process stops, not only the one that saved
             raise failure or DiskFull("the main process ran out of disk space saving the pipeline; see its error")
         self.accelerator.wait_for_everyone()
 
     def save_and_measure_pipeline(self, final: bool) -> None:
-        with EMAWeights(self.ema, self.unwrapped) as unet:
+        with ema_weights(self.ema, self.unwrapped) as unet:
             save_pipeline(unet, self.noise_scheduler, self.args.output_dir)
             if self.validation is not None:
                 self.validation.log_bits_per_dim(unet, self.noise_scheduler, self.accelerator, self.global_step)
@@ -410,9 +428,10 @@ class TrainLoop:
 
     def finish(self) -> dict:
         """Write the final summary, with one weight checksum per process, and close the trackers."""
-        checksum = torch.stack([p.detach().double().sum() for p in self.unwrapped.parameters()]).sum()
+        device = float64_device(self.accelerator.device)
+        checksum = torch.stack([p.detach().to(device, torch.float64).sum() for p in self.unwrapped.parameters()]).sum()
         # Equal checksums of the trained (non-EMA) weights mean data parallelism kept the processes in sync.
-        checksums = self.accelerator.gather(checksum[None].to(self.accelerator.device)).tolist()
+        checksums = self.accelerator.gather(checksum[None]).tolist()
         summary = {**self.describe(), "weight_checksums": checksums}
         if self.accelerator.is_main_process:
             write_summary(self.args.output_dir, summary)

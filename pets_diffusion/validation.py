@@ -5,8 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .data import evaluation_tensor, hold_out
-from .evaluation import validation_dataset_images
+from .data import evaluation_tensor, hold_out, validation_dataset_images
 from .likelihood import bits_per_dim, heldout_loss
 from .options import UsageError
 

@@ -48,18 +48,25 @@ def write_tiny_config(path: Path) -> Path:
     return path
 
 
-def tiny_training_args(data: Path, config: Path, output: Path, *extra: str) -> list[str]:
-    """Flags for a fast run: tiny UNet at 16x16, 20 diffusion steps, 2-step sample grids."""
+def tiny_training_args(data: Path, config: Path, output: Path, *extra: str, seed: int | None = 0) -> list[str]:
+    """Flags for a fast run: tiny UNet at 16x16, 20 diffusion steps, 2-step sample grids; --seed unless None."""
     return [
         "--train_data_dir", str(data), "--model_config_name_or_path", str(config), "--resolution", "16",
         "--output_dir", str(output), "--train_batch_size", "4", "--eval_batch_size", "4",
         "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "2", "--lr_warmup_steps", "0",
-        "--dataloader_num_workers", "0", "--seed", "0", *extra,
+        "--dataloader_num_workers", "0", *([] if seed is None else ["--seed", str(seed)]), *extra,
     ]  # fmt: skip
 
 
-def launch(script_args: list[str], processes: int = 1, check: bool = True, timeout: int = 300, env: dict | None = None):
-    """Run train_unconditional.py under `accelerate launch` on the CPU, as a user would."""
+def launch(
+    script_args: list[str],
+    processes: int = 1,
+    check: bool = True,
+    timeout: int = 300,
+    env: dict | None = None,
+    script: Path = TRAIN_SCRIPT,
+):
+    """Run train_unconditional.py (or another `script`) under `accelerate launch` on the CPU, as a user would."""
     env = {**(env or os.environ), "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"}
     if processes > 1:
         launcher = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"]
@@ -67,7 +74,7 @@ def launch(script_args: list[str], processes: int = 1, check: bool = True, timeo
         launcher = ["--cpu", "--num_processes", "1"]
     command = [
         str(ACCELERATE), "launch", *launcher, "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", str(TRAIN_SCRIPT), *script_args,
+        "--dynamo_backend", "no", str(script), *script_args,
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:

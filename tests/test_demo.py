@@ -15,12 +15,12 @@ from diffusers import DDPMScheduler
 gr = pytest.importorskip("gradio", reason="the demo extra (Gradio) is not installed")
 
 from pets_diffusion import sampling  # noqa: E402
-from pets_diffusion.demo import Generator, build_demo, launch  # noqa: E402
+from pets_diffusion.demo import DemoSampler, build_demo, launch  # noqa: E402
 
 STEPS = 50
 
 
-def run(generator: Generator, *args) -> tuple:
+def run(generator: DemoSampler, *args) -> tuple:
     """The last update of a generation: (grid, gallery images, grid file, seed used, status)."""
     *_, last = generator.generate(*args)
     return last
@@ -32,7 +32,7 @@ def pixels(images) -> list[np.ndarray]:
 
 @pytest.fixture
 def generator(tiny_unet):
-    return Generator(tiny_unet, DDPMScheduler(num_train_timesteps=STEPS).config)
+    return DemoSampler(tiny_unet, DDPMScheduler(num_train_timesteps=STEPS).config)
 
 
 def test_the_page_makes_the_images_sample_makes_and_streams_the_denoising(generator, tiny_unet):
@@ -52,7 +52,7 @@ def test_the_page_makes_the_images_sample_makes_and_streams_the_denoising(genera
 
 
 def test_a_random_seed_is_shown_and_makes_the_same_images_again(tiny_unet):
-    generator = Generator(tiny_unet, DDPMScheduler(num_train_timesteps=STEPS).config)
+    generator = DemoSampler(tiny_unet, DDPMScheduler(num_train_timesteps=STEPS).config)
     _, first, _, seed, _ = run(generator, 2, 0, True, "dpmsolver", 5)
     assert seed != 0  # drawn, not the seed box's value (a 1 in 2**32 chance of a false failure)
     _, again, grid_file, same_seed, _ = run(generator, 2, seed, False, "dpmsolver", 5)

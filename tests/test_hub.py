@@ -274,7 +274,7 @@ def test_push_with_space_makes_a_gradio_space_whose_app_serves_the_model(hub, tr
     assert space.sdk == "gradio" and "tester/pets-demo" not in hub.state.repos
     files = space.branches["main"]
     modules = {f"pets_diffusion_demo/{name}" for name in ("__init__.py", "demo.py", "sampling.py", "objective.py",
-                                                          "hardware.py")}  # fmt: skip
+                                                          "hardware.py", "records.py")}  # fmt: skip
     assert set(files) == {"app.py", "requirements.txt", "README.md", *modules}
     package = Path(sys.modules[PetsUNet2DModel.__module__].__file__).parent
     for name in modules - {"pets_diffusion_demo/__init__.py"}:  # the installed package's own modules
@@ -300,3 +300,39 @@ def test_a_space_id_that_is_not_a_repo_id_is_refused(hub, training_output, tmp_p
     assert result.returncode != 0 and "'not a space' is not a valid repo id" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "not a space" not in hub.state.spaces
     assert "tester/pets-ok" not in hub.state.repos  # refused before the model was pushed
+
+
+def card_for_data(training_output, tmp_path, data_args: dict) -> tuple[dict, str]:
+    """The exported card's front matter and text, for the run's training_args.json naming other data."""
+    run = tmp_path / "run"
+    shutil.copytree(training_output, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    args = json.loads((run / "training_args.json").read_text())
+    (run / "training_args.json").write_text(json.dumps({**args, **data_args}))
+    card = (export_for_hub(run, tmp_path / "export", "tester/other") / "README.md").read_text()
+    return yaml.safe_load(card.split("---\n")[1]), card
+
+
+def test_a_card_of_a_run_on_an_image_folder_names_the_folder_and_asks_for_a_licence(training_output, tmp_path):
+    (tmp_path / "noise-images").mkdir()
+    front_matter, card = card_for_data(training_output, tmp_path, {"train_data_dir": str(tmp_path / "noise-images")})
+    assert "license" not in front_matter and "datasets" not in front_matter and "pets" not in front_matter["tags"]
+    assert "The image folder `noise-images`: 7349 images." in card
+    assert "The training data's licence is not recorded." in card and "`license:`" in card
+    assert "Oxford" not in card and "Parkhi" not in card and "CC BY-SA" not in card
+    assert "pip install pets-diffusion" not in card and "pypi.org" not in card  # not a released package
+
+
+def test_a_card_of_a_local_dataset_takes_its_name_and_licence_from_the_dataset_card(training_output, tmp_path):
+    oxford = tmp_path / "oxford-pets-64"
+    oxford.mkdir()
+    (oxford / "README.md").write_text("---\nlicense: cc-by-sa-4.0\npretty_name: Oxford-IIIT Pet, 64x64\n---\n# Pets\n")
+    front_matter, card = card_for_data(training_output, tmp_path, {"dataset_name": str(oxford)})
+    assert front_matter["license"] == "cc-by-sa-4.0" and "pets" in front_matter["tags"]
+    assert "Oxford-IIIT Pet, 64x64, from the local dataset `oxford-pets-64`" in card
+    assert "CC BY-SA 4.0" in card and "Parkhi" in card
+    other = tmp_path / "flowers"
+    other.mkdir()
+    (other / "README.md").write_text("---\nlicense: cc-by-4.0\npretty_name: Flowers\n---\n")
+    front_matter, card = card_for_data(training_output, tmp_path / "second", {"dataset_name": str(other)})
+    assert front_matter["license"] == "cc-by-4.0" and "Parkhi" not in card and "Oxford" not in card
+    assert "licence, as its dataset card gives it: **cc-by-4.0**" in card

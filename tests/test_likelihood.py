@@ -287,3 +287,21 @@ def test_l_vlb_trains_only_the_variance_channels(prediction_type, snr_gamma):
     without, with_vlb = output_layer_grads(0.0), output_layer_grads(1.0)
     torch.testing.assert_close(with_vlb[:3], without[:3], rtol=0, atol=0)  # the mean channels: untouched
     assert without[3:].abs().max() == 0 and with_vlb[3:].abs().max() > 0  # the variance learns from L_vlb alone
+
+
+def test_an_x0_predictor_trains_on_its_snr_weighted_mse_which_is_the_epsilon_mse_of_the_same_prediction(tiny_unet):
+    """SNR(t) ‖x_0 - x̂_0‖² = ‖ε - ε̂‖² with ε̂ = (x_t - √ᾱ_t x̂_0) / √(1 - ᾱ_t): diffusers' weighting of `sample`."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="sample")
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    torch.manual_seed(3)
+    loss = diffusion_loss(tiny_unet, scheduler, images)
+    torch.manual_seed(3)  # the same noise and timesteps, drawn as diffusion_loss draws them
+    noise, t = torch.randn_like(images), torch.randint(0, 1000, (6,))
+    x_t = scheduler.add_noise(images, noise, t)
+    alpha_bar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        x0_hat = tiny_unet(x_t, t).sample
+    epsilon_hat = (x_t - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()
+    expected = ((noise - epsilon_hat) ** 2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert loss.item() != pytest.approx(((images - x0_hat) ** 2).mean().item(), rel=1e-2)  # not the plain MSE

@@ -6,16 +6,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_commands() -> list[str]:
+    """The command lines of the README's Quick start section: set up and run the main job, set up and test."""
     text = (ROOT / "README.md").read_text()
-    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
-    return [line for line in block.splitlines() if line.strip()]
+    assert "\n## Quick start\n" in text, "the README has no Quick start section"
+    section = text.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [block.split("```", 1)[0] for block in section.split("```bash\n")[1:]]
+    return [line for block in blocks for line in block.splitlines() if line.strip()]
 
 
-def test_readme_starts_with_main_job_and_test_commands():
-    assert (ROOT / "README.md").read_text().startswith("# pets-diffusion\n\n```bash\n")
+def test_the_readme_quick_start_holds_the_main_job_and_the_test_command():
+    first_screen = (ROOT / "README.md").read_text().splitlines()[:40]
+    assert "## Quick start" in first_screen, "the Quick start is not on the README's first screen"
     main_job, test_command = readme_commands()
-    assert "pip install" in main_job and "pip install" in test_command
-    assert "pytest" in test_command
+    assert "python3 -m venv" in main_job and "pip install" in main_job and "train_unconditional.py" in main_job
+    assert "python3 -m venv" in test_command and "pip install" in test_command and "pytest" in test_command
 
 
 def test_ci_runs_the_readme_test_command_verbatim():

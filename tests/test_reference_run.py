@@ -9,7 +9,9 @@ import sys
 import torch
 from PIL import Image
 
-from .helpers import ROOT, make_image_folder, write_tiny_config
+from pets_diffusion import PetsUNet2DModel
+
+from .helpers import ROOT, launch, make_image_folder, write_tiny_config
 
 
 def test_the_lease_command_trains_for_its_budget_chooses_the_ema_then_draws_and_measures(tmp_path):
@@ -18,7 +20,7 @@ def test_the_lease_command_trains_for_its_budget_chooses_the_ema_then_draws_and_
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "PYTHON": sys.executable, "VALIDATION_IMAGES": "4", "PYTHONUNBUFFERED": "1",
            "OUT": str(out), "WORK": str(work), "DATA": str(data), "BUDGET": "5s"}  # fmt: skip
-    toy = ["--train_data_dir", str(data), "--model_config_name_or_path", str(config), "--resolution", "16",
+    toy = ["--model_config_name_or_path", str(config), "--resolution", "16",
            "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "10", "--train_batch_size", "4",
            "--post_hoc_ema_every", "2", "--validation_bpd_timesteps", "3"]  # fmt: skip
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "lease.sh"), *toy], capture_output=True, text=True,
@@ -51,3 +53,43 @@ def test_the_lease_command_trains_for_its_budget_chooses_the_ema_then_draws_and_
     assert "train_unconditional.py" in command and "--max_train_time 5s" in command and "--post_hoc_ema" in command
     assert "--learning_rate 2e-4 --lr_warmup_steps 200" in command
     assert summary["versions"]["torch"] == torch.__version__ and summary["device"].startswith("CPU: ")
+
+
+def test_the_cpu_pets_command_trains_in_two_resumed_pieces_then_draws_and_measures(tmp_path):
+    data = make_image_folder(tmp_path / "images", count=16, size=(16, 16))
+    config = write_tiny_config(tmp_path / "tiny.json")
+    out = tmp_path / "pets"
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+    toy = ["--model_config_name_or_path", str(config), "--resolution", "16", "--train_batch_size", "4",
+           "--validation_images", "4", "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "10",
+           "--validation_bpd_timesteps", "3", "--checkpointing_steps", "2", "--save_images_steps", "2"]  # fmt: skip
+    command = ["bash", str(ROOT / "benchmarks" / "cpu_pets.sh"), str(data), str(out), "4s", *toy]
+    steps = []
+    for piece in (1, 2):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        summary = json.loads((out / "report" / "reference_summary.json").read_text())
+        steps.append(summary["optimizer_steps"])
+        assert summary["stopped_by_time_budget"] is True
+        assert ("Resumed from" in (out / "train.log").read_text()) == (piece == 2)
+    assert steps[1] > steps[0] > 0  # the second piece trained on from the first's checkpoint
+    command_line = summary["command"]
+    assert "--ddpm_beta_schedule squaredcos_cap_v2" in command_line
+    assert "--resume_from_checkpoint latest" in command_line
+    assert summary["heldout_images"] == 4 and summary["bpd_kl_timesteps"] == 19 and summary["bpd"] > 0
+    assert 0 <= summary["memorization_share"] <= 1
+    for picture in ("samples-dpmsolver-25.png", "samples-ddpm.png", "trajectory.png", "memorization.png"):
+        assert Image.open(out / "report" / picture).size[0] > 0, picture
+
+
+def test_the_cpu_pets_model_config_loads_and_trains_a_step(tmp_path):
+    data = make_image_folder(tmp_path / "images", count=4, size=(40, 40))
+    output = tmp_path / "run"
+    config = ROOT / "benchmarks" / "configs" / "small-32px.json"
+    launch(["--train_data_dir", str(data), "--model_config_name_or_path", str(config), "--resolution", "32",
+            "--output_dir", str(output), "--train_batch_size", "2", "--max_train_steps", "1", "--lr_warmup_steps", "0",
+            "--save_images_steps", "100", "--checkpointing_steps", "100", "--seed", "0"])  # fmt: skip
+    unet = PetsUNet2DModel.from_pretrained(output, subfolder="unet")
+    assert unet.config.sample_size == 32 and list(unet.config.block_out_channels) == [64, 128, 256]
+    assert round(unet.num_parameters() / 1e6, 1) == 12.3
+    assert json.loads((output / "train_summary.json").read_text())["global_step"] == 1

@@ -344,3 +344,9 @@ def test_checkpoints_grids_and_snapshots_do_not_change_the_training(workspace, t
                               "--save_images_steps", "2", "--post_hoc_ema", "--post_hoc_ema_every", "2"))  # fmt: skip
     assert len(complete_checkpoints(busy)) == 3 and len(list((busy / "samples").iterdir())) == 5
     assert_same_weights(plain, busy, ("unet",))
+
+
+def test_a_dataset_name_and_an_image_folder_together_are_refused_in_one_line(tmp_path):
+    message, output = bad_run(tmp_path, "--dataset_name", "some/dataset", "--train_data_dir", str(tmp_path))
+    assert "name two datasets; give one of them" in message
+    assert not output.exists()

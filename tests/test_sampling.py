@@ -129,3 +129,29 @@ def test_plot_loss_redraws_from_tensorboard_events(tmp_path):
     (tmp_path / "empty").mkdir()
     empty = run_cli("plot-loss", str(tmp_path / "empty"), "--out", str(tmp_path / "x.png"))
     assert empty.returncode == 2 and "No 'loss' scalars" in empty.stderr
+
+
+@pytest.mark.parametrize("name, steps", [("ddpm", 200), ("dpmsolver", 25)])
+def test_a_bf16_unet_samples_with_x_t_and_the_scheduler_in_float32(tiny_unet, name, steps):
+    """Our sampler with a bf16 UNet equals the loop that keeps x_t in float32, and DDPMPipeline's bf16 x_t does not."""
+    config = DDPMScheduler(num_train_timesteps=1000).config
+    unet = tiny_unet.to(torch.bfloat16)
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def reference(state_dtype: torch.dtype) -> torch.Tensor:  # DDPMPipeline's loop, x_t in `state_dtype`
+        scheduler, generator = sampling.make_scheduler(name, config), torch.Generator().manual_seed(1)
+        scheduler.set_timesteps(steps)
+        x = noise.to(state_dtype)
+        with torch.no_grad():
+            for timestep in scheduler.timesteps:
+                output = unet(x.to(torch.bfloat16), timestep).sample.to(state_dtype)
+                x = scheduler.step(output, timestep, x, generator=generator).prev_sample
+        return x.float()
+
+    with torch.no_grad():
+        ours = sampling.denoise(unet, sampling.make_scheduler(name, config), noise, steps,
+                                generator=torch.Generator().manual_seed(1))  # fmt: skip
+    float32_state, bf16_state = reference(torch.float32), reference(torch.bfloat16)
+    assert ours.dtype == torch.float32
+    assert torch.allclose(ours, float32_state, atol=1e-5, rtol=0)
+    assert (bf16_state - float32_state).abs().max() > 1e-2  # what rounding x_t to bf16 at every step costs
