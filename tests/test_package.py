@@ -14,12 +14,16 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from .helpers import ROOT, TINY_CONFIG_JSON, make_image_folder
 from .hub_helpers import LOAD_WITH_ONLY_DIFFUSERS, hub_env, training_output_folder
 
 CONSTRAINTS = ROOT / "constraints.txt"
-VENV_FREE_BYTES = 8 * 10**9  # measured: 6.5 GB installed, plus room for pip's unpacking
+VENV_FREE_BYTES = 2 * 10**9  # measured: about 1 GB installed beside the shared torch, plus room for pip's unpacking
+# torch's stack (5.5 GB with its CUDA libraries): shared with the new venvs, not copied into each.
+SHARED_PACKAGES = ("torch", "torchgen", "functorch", "torchvision", "torchvision.libs", "triton", "nvidia", "cuda")
+SHARED_DISTRIBUTIONS = ("torch-", "torchvision-", "triton-", "nvidia_", "cuda_")
 
 
 def run(command: list, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -37,18 +41,25 @@ def clean_env(**extra) -> dict:
 
 
 def fresh_venv(folder: Path) -> Path:
-    """A new virtualenv (no site packages of ours), returning its python.
+    """A new virtualenv holding nothing of this one's but torch's stack, returning its python.
 
-    torch with its CUDA libraries makes each install about 6.5 GB; a disk too full for it fails here, in one
-    line, rather than filling up and failing every test after it.
+    torch, torchvision, triton and the CUDA libraries (the same pinned versions) are linked in from this
+    venv, with their dist-info, so pip finds them installed and resolves and installs everything else
+    itself: a copy would cost 5.5 GB and minutes per venv. A disk too full for the rest fails here in one line.
     """
     free = shutil.disk_usage(folder.parent).free
     assert free >= VENV_FREE_BYTES, (
-        f"a fresh venv with torch needs about {VENV_FREE_BYTES / 1e9:.0f} GB free in {folder.parent}, "
+        f"a fresh venv needs about {VENV_FREE_BYTES / 1e9:.0f} GB free in {folder.parent}, "
         f"{free / 1e9:.1f} GB are: free some space (or pass pytest --basetemp on a larger disk) and rerun"
     )
     run([sys.executable, "-m", "venv", folder], cwd=folder.parent)
-    return folder / "bin" / "python"
+    python = folder / "bin" / "python"
+    purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=folder.parent)
+    target, source = Path(purelib.stdout.strip()), Path(torch.__file__).resolve().parents[1]
+    for entry in source.iterdir():
+        if entry.name in SHARED_PACKAGES or entry.name.startswith(SHARED_DISTRIBUTIONS):
+            (target / entry.name).symlink_to(entry)
+    return python
 
 
 @pytest.fixture(scope="module")
