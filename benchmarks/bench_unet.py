@@ -218,8 +218,9 @@ def peak_resident_bytes(name: str, layout: torch.memory_format, args: argparse.N
     """CPU: how far a training step lifts the process's resident memory at its peak (gradients, AdamW
     state, activations, workspaces), in a fresh process that holds only this model, so that memory
     another model freed cannot hide any of it."""
+    config = str(args.model_config) if args.model_config else None
     call = (f"bench_unet.print_peak_resident_growth({name!r}, {layout_name(layout)!r}, {args.train_batch}, "
-            f"{args.dtype!r}, {args.autocast}, {args.malloc!r})")  # fmt: skip
+            f"{args.dtype!r}, {args.autocast}, {args.malloc!r}, {config!r}, {args.resolution})")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", f"import bench_unet; {call}"], cwd=Path(__file__).parent,
                             capture_output=True, text=True)  # fmt: skip
     if result.returncode:
@@ -227,17 +228,18 @@ def peak_resident_bytes(name: str, layout: torch.memory_format, args: argparse.N
     return int(result.stdout.split()[-1])
 
 
-def print_peak_resident_growth(name: str, layout: str, batch: int, dtype: str, autocast: bool, malloc: str) -> None:
+def print_peak_resident_growth(name: str, layout: str, batch: int, dtype: str, autocast: bool, malloc: str,
+                               config: str | None = None, resolution: int | None = None) -> None:  # fmt: skip
     """In a fresh process: build one model, take two training steps, print the peak resident bytes they added."""
     if malloc == "retain":
         retain_freed_memory()
     precision = Precision(torch.device("cpu"), DTYPES[dtype], autocast)
     torch.manual_seed(0)
     if name == OURS:
-        model = PetsUNet2DModel()
+        model = build_model(config, resolution)
     else:
         with torch.device("meta"):  # ours only lends the twin its config: no weights
-            config_source = PetsUNet2DModel()
+            config_source = build_model(config, resolution)
         model = twin_of(config_source)
     step = TrainStep(on_device(model, "cpu", precision.weights).to(memory_format=LAYOUTS[layout]), batch,
                      precision, False, LAYOUTS[layout])  # fmt: skip
@@ -293,7 +295,7 @@ def main() -> None:
         retain_freed_memory()
 
     torch.manual_seed(0)
-    ours = on_device(PetsUNet2DModel(), device, precision.weights)
+    ours = on_device(build_model(args.model_config, args.resolution), device, precision.weights)
     twin = on_device(twin_of(ours), device, precision.weights)
     ours_layout = chosen_layout(args.ours_layout, device)
     # Every timed contestant: (model, layout). The twin is one or two of them, each a copy in its
@@ -359,6 +361,7 @@ def main() -> None:
     print(f"# {hardware}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, device {device}, "
           f"{args.dtype}{' autocast' if args.autocast else ''}, compile={mode}, "
           f"cudnn.benchmark={args.cudnn_benchmark}, "
+          f"model {args.model_config or 'default'} at {ours.config.sample_size} px, "
           f"train batch {args.train_batch}, inference batch {args.infer_batch}, median of {args.runs}, "
           f"ours {args.ours_layout}, twin {args.twin_layout} of {'/'.join(twin_layouts)}, AdamW fused, "
           f"malloc {args.malloc}")  # fmt: skip
@@ -393,6 +396,8 @@ def result_record(hardware: str, args: argparse.Namespace, mode: str | None, row
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "command": "python " + " ".join(sys.argv),
+        "model_config": str(args.model_config) if args.model_config else None,
+        "resolution": args.resolution,
         "batch": args.train_batch,
         "infer_batch": args.infer_batch,
         "dtype": args.dtype + (" autocast" if args.autocast else ""),
@@ -427,6 +432,11 @@ def add_workload_arguments(parser: argparse.ArgumentParser, compile_help: str) -
                         help="Keep fp32 weights and run under torch.autocast(--dtype), as "
                              "train_unconditional.py --mixed_precision does.")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help=compile_help)
+    parser.add_argument("--model-config", type=Path, default=None,
+                        help="A PetsUNet2DModel config.json (e.g. benchmarks/configs/small-32px.json); "
+                             "default: the default design.")  # fmt: skip
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="The images' side (the model's sample_size); default: the config's.")  # fmt: skip
     parser.add_argument(
         "--compile-mode",
         default="default",
@@ -435,6 +445,12 @@ def add_workload_arguments(parser: argparse.ArgumentParser, compile_help: str) -
     )
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="Set torch.backends.cudnn.benchmark (cuDNN times its algorithms first).")  # fmt: skip
+
+
+def build_model(config: str | Path | None, resolution: int | None = None) -> PetsUNet2DModel:
+    """PetsUNet2DModel from a config.json, or the default design; at `resolution` if given."""
+    settings = PetsUNet2DModel.load_config(config) if config else {}
+    return PetsUNet2DModel.from_config({**settings, **({"sample_size": resolution} if resolution else {})})
 
 
 def compile_mode(args: argparse.Namespace) -> str | None:

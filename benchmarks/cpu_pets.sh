@@ -23,7 +23,7 @@ export BATCH=32 VALIDATION_IMAGES=64 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 recipe=(
     --model_config_name_or_path "$ROOT/benchmarks/configs/small-32px.json" --resolution 32
     --ddpm_beta_schedule squaredcos_cap_v2 --learning_rate 1e-3 --lr_warmup_steps 100
-    --checkpointing_steps 600 --save_images_steps 1200 --save_model_epochs 24
+    --checkpointing_steps 600 --save_images_steps 850 --save_model_epochs 16
     --resume_from_checkpoint latest
 )
 exec bash "$ROOT/benchmarks/reference_run.sh" "$DATA" "$BUDGET" "$OUT" "${recipe[@]}" "$@"

@@ -26,12 +26,13 @@ STAGES=("${@:-speed quickstart bf16 variance posthoc cpu32}")
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 SMALL=$ROOT/benchmarks/configs/small-64px.json
+THREADS=${OMP_NUM_THREADS:-$(nproc)}  # all cores unless OMP_NUM_THREADS says
 mkdir -p "$OUT"
 
 train() {  # train NAME [flags]: the small config on DATA, 128 images held out
     local name=$1
     shift
-    "$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --num_cpu_threads_per_process "$(nproc)" \
+    "$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --num_cpu_threads_per_process "$THREADS" \
         --mixed_precision no --dynamo_backend no "$ROOT/train_unconditional.py" \
         --dataset_name "$DATA" --model_config_name_or_path "$SMALL" --output_dir "$OUT/$name" --overwrite_output_dir \
         --train_batch_size 16 --learning_rate 2e-4 --lr_scheduler constant_with_warmup --lr_warmup_steps 100 \
@@ -51,7 +52,7 @@ for stage in ${STAGES[*]}; do
     quickstart)
         for precision in no bf16; do
             start=$(date +%s%N)
-            "$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_cpu_threads_per_process "$(nproc)" \
+            "$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_cpu_threads_per_process "$THREADS" \
                 "$ROOT/train_unconditional.py" --dataset_name "$DATA" --output_dir "$OUT/quickstart-$precision" \
                 --overwrite_output_dir --train_batch_size 8 --max_train_steps 20 --checkpointing_steps 10 \
                 --save_images_steps 20 --eval_batch_size 4 --ddpm_num_inference_steps 10 --lr_warmup_steps 5 --seed 0 \

@@ -10,8 +10,10 @@ images are known: the same split is rebuilt from its recorded arguments) and wri
     trajectory.png             x_t and predicted x_0 along DDPM's reverse process, 4 samples
     memorization.png           the 8 samples nearest the training set above their nearest training images
     loss_curve.png             training loss and held-out loss
+    progress.png               the held-out bound over the run's minutes (all pieces), above its sample grids
     reference_summary.json     held-out bits/dim (all timesteps) ± stderr, held-out loss, memorisation,
-                               images/s, images seen, wall time, device, versions, command
+                               images/s, images seen, wall time, the progress at each bound and grid,
+                               device, versions, command
 """
 
 import argparse
@@ -35,7 +37,7 @@ from pets_diffusion.data import evaluation_tensor  # noqa: E402
 from pets_diffusion.evaluation import ImageTensors, RunImages  # noqa: E402
 from pets_diffusion.likelihood import bits_per_dim, heldout_loss  # noqa: E402
 from pets_diffusion.memorization import memorization, nearest_picture  # noqa: E402
-from pets_diffusion.plotting import read_scalars  # noqa: E402
+from pets_diffusion.plotting import plot_progress, read_scalars, run_minutes, run_progress  # noqa: E402
 
 
 def main() -> None:
@@ -62,7 +64,11 @@ def main() -> None:
     copying = memorization(samples, train, heldout)
     nearest_picture(samples, train, copying).save(options.out_dir / "memorization.png")
     shutil.copyfile(options.run_dir / "loss_curve.png", options.out_dir / "loss_curve.png")
+    batch = json.loads((options.run_dir / "train_summary.json").read_text())["total_batch_size"]
+    progress = run_progress(options.run_dir, options.run_dir / args.logging_dir, batch)
+    plot_progress(options.run_dir, progress, options.out_dir / "progress.png")
     summary = summarise(options, args, bound, loss, copying, device, time.perf_counter() - started)
+    summary["progress"] = progress
     (options.out_dir / "reference_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({key: summary[key] for key in ("bpd", "bpd_stderr", "heldout_loss", "memorization_share")}))
 
@@ -108,7 +114,8 @@ def summarise(options, args: Namespace, bound: dict, loss: dict, copying: dict, 
         "images_seen": run["global_step"] * run["total_batch_size"],
         "optimizer_steps": run["global_step"],
         "batch": run["total_batch_size"],
-        "train_wall_time_s": run["wall_time_s"],
+        "train_wall_time_s": run["wall_time_s"],  # this piece's
+        "run_minutes": round(max(run_minutes(options.run_dir / args.logging_dir).values(), default=0.0), 2),
         "stopped_by_time_budget": run.get("stopped_by_time_budget"),
         "post_hoc_ema": run.get("post_hoc_ema"),
         "report_wall_time_s": round(seconds, 1),

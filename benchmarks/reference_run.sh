@@ -9,7 +9,7 @@
 # OUT/run holds the training output; OUT/report the pictures and reference_summary.json
 # (benchmarks/reference_report.py). On a GPU: bf16, torch.compile, batch 256 on a GPU with more
 # than 100 GB, else 128 (256 peaked at 109 GB); on a CPU: bf16 where it has AMX or AVX512-BF16 (auto),
-# eager, batch 8. MIXED_PRECISION,
+# eager, batch 8, all cores unless OMP_NUM_THREADS says. MIXED_PRECISION,
 # COMPILE=0/1, BATCH, VALIDATION_IMAGES and PYTHON override; flags after OUT override the recipe's.
 set -euo pipefail
 THREADS=()
@@ -26,7 +26,7 @@ if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
     MIXED_PRECISION=${MIXED_PRECISION:-bf16} COMPILE=${COMPILE:-1} WORKERS=8 DEVICE=gpu
 else
     BATCH=${BATCH:-8} MIXED_PRECISION=${MIXED_PRECISION:-auto} COMPILE=${COMPILE:-0} WORKERS=0 DEVICE=cpu
-    THREADS=(--num_cpu_threads_per_process "$(nproc)")  # accelerate runs a CPU process on one thread otherwise
+    THREADS=(--num_cpu_threads_per_process "${OMP_NUM_THREADS:-$(nproc)}")  # else accelerate runs one thread
 fi
 mkdir -p "$OUT"
 training=(

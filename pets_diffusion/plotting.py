@@ -1,5 +1,6 @@
-"""The loss curve, read back from a run's TensorBoard events."""
+"""The loss curve and the run's progress, read back from its TensorBoard events and sample grids."""
 
+import re
 from itertools import accumulate
 from pathlib import Path
 
@@ -10,15 +11,77 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 
-def read_scalars(log_dir: str | Path, tag: str = "loss") -> list[tuple[int, float]]:
-    """All (step, value) pairs of `tag` in every event file under `log_dir`; later files win a step."""
-    values: dict[int, float] = {}
+def scalar_events(log_dir: str | Path, tag: str) -> list[list]:
+    """The `tag` events (step, value, wall_time) of each event file under `log_dir`, oldest file first: one
+    list per training process, so a resumed run has one per piece."""
+    pieces = []
     for events in sorted(Path(log_dir).rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
         if tag in accumulator.Tags()["scalars"]:
-            values.update({event.step: event.value for event in accumulator.Scalars(tag)})
-    return sorted(values.items())
+            pieces.append(accumulator.Scalars(tag))
+    return pieces
+
+
+def read_scalars(log_dir: str | Path, tag: str = "loss") -> list[tuple[int, float]]:
+    """All (step, value) pairs of `tag` in every event file under `log_dir`; later files win a step."""
+    return sorted({event.step: event.value for piece in scalar_events(log_dir, tag) for event in piece}.items())
+
+
+def run_minutes(log_dir: str | Path) -> dict[int, float]:
+    """Minutes of running at each logged step, summed over the run's pieces: each piece counts from its own
+    first step, so the time between pieces (and before a piece's first step) is left out."""
+    minutes, offset = {}, 0.0
+    for piece in scalar_events(log_dir, "loss"):
+        start = piece[0].wall_time
+        minutes.update({event.step: offset + (event.wall_time - start) / 60 for event in piece})
+        offset = minutes[piece[-1].step]
+    return minutes
+
+
+def run_progress(run_dir: str | Path, log_dir: str | Path, images_per_step: int) -> dict:
+    """Where the run stood at each held-out bound and each sample grid: step, minutes, images seen, and the
+    bound (bits/dim ± standard error) or the grid's file."""
+    minutes = run_minutes(log_dir)
+
+    def minute(step: int) -> float:
+        return round(minutes.get(step, max((m for s, m in minutes.items() if s <= step), default=0.0)), 1)
+
+    errors = dict(read_scalars(log_dir, "validation_bpd_stderr"))
+    bounds = [{"step": step, "minutes": minute(step), "images_seen": step * images_per_step, "bpd": value,
+               "bpd_stderr": errors.get(step)} for step, value in read_scalars(log_dir, "validation_bpd")]  # fmt: skip
+    grids = []
+    for path in sorted((Path(run_dir) / "samples").glob("step-*.png")):
+        step = int(re.fullmatch(r"step-(\d+)\.png", path.name).group(1))
+        grids.append({"step": step, "minutes": minute(step), "images_seen": step * images_per_step, "file": path.name})
+    return {"bounds": bounds, "grids": grids}
+
+
+def plot_progress(run_dir: str | Path, progress: dict, out_path: str | Path) -> Path:
+    """The held-out bound over the run's minutes, above its sample grids labelled with step and minute."""
+    from PIL import Image
+
+    grids = progress["grids"]
+    columns = max(len(grids), 1)
+    figure = plt.figure(figsize=(max(7.0, 1.6 * columns), 5.2), dpi=100)
+    curve = figure.add_subplot(2, 1, 1)
+    if progress["bounds"]:
+        points = progress["bounds"]
+        curve.errorbar([p["minutes"] for p in points], [p["bpd"] for p in points],
+                       yerr=[p["bpd_stderr"] or 0 for p in points], marker="o", capsize=3)  # fmt: skip
+    curve.set_xlabel("minutes of the run (all pieces)")
+    curve.set_ylabel("held-out bound (bits/dim)")
+    curve.grid(alpha=0.3)
+    for column, grid in enumerate(grids):
+        axes = figure.add_subplot(2, columns, columns + column + 1)
+        axes.imshow(Image.open(Path(run_dir) / "samples" / grid["file"]).convert("RGB"))
+        axes.set_title(f"step {grid['step']:,}\n{grid['minutes']:.0f} min", fontsize=8)
+        axes.axis("off")
+    figure.tight_layout()
+    out_path = Path(out_path)
+    figure.savefig(out_path)
+    plt.close(figure)
+    return out_path
 
 
 def plot_loss_curve(log_dir: str | Path, out_path: str | Path, smoothing: int = 50) -> Path:

@@ -85,14 +85,14 @@ def test_other_processes_outwait_a_long_save_while_training_collectives_keep_the
                                                                                          survives):  # fmt: skip
     data = make_image_folder(tmp_path / "images", count=8)
     (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_MAIN_PROCESS.format(module=module, name=name, seconds=12))
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_MAIN_PROCESS.format(module=module, name=name, seconds=30))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
     output = tmp_path / "run"
     config = write_tiny_config(tmp_path / "tiny.json")
     flags = tiny_training_args(data, config, output, "--max_train_steps", "2", "--save_images_steps", "1000",
-                               "--checkpointing_steps", "100", "--ddp_timeout", "4")  # fmt: skip
+                               "--checkpointing_steps", "100", "--ddp_timeout", "10")  # fmt: skip
     result = launch(flags, processes=2, env=env, check=False)
-    if survives:  # 12 s of saving on the main process, 3x the timeout of a collective
+    if survives:  # 30 s of saving on the main process, 3x the timeout of a collective
         assert result.returncode == 0, result.stderr[-3000:]
         assert json.loads((output / "train_summary.json").read_text())["global_step"] == 2
     else:

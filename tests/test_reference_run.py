@@ -64,21 +64,33 @@ def test_the_cpu_pets_command_trains_in_two_resumed_pieces_then_draws_and_measur
            "--validation_images", "4", "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "10",
            "--validation_bpd_timesteps", "3", "--checkpointing_steps", "2", "--save_images_steps", "2"]  # fmt: skip
     command = ["bash", str(ROOT / "benchmarks" / "cpu_pets.sh"), str(data), str(out), "4s", *toy]
-    steps = []
+    steps, minutes = [], []
     for piece in (1, 2):
         result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         summary = json.loads((out / "report" / "reference_summary.json").read_text())
         steps.append(summary["optimizer_steps"])
+        minutes.append(summary["run_minutes"])
         assert summary["stopped_by_time_budget"] is True
         assert ("Resumed from" in (out / "train.log").read_text()) == (piece == 2)
     assert steps[1] > steps[0] > 0  # the second piece trained on from the first's checkpoint
+    assert minutes[1] > minutes[0] > 0  # the run's minutes add up over its pieces
+    grids = summary["progress"]["grids"]
+    assert [grid["step"] for grid in grids] == sorted(grid["step"] for grid in grids) and grids[-1]["step"] == steps[1]
+    assert [grid["minutes"] for grid in grids] == sorted(grid["minutes"] for grid in grids)
+    assert all(bound["bpd"] > 0 and bound["bpd_stderr"] > 0 for bound in summary["progress"]["bounds"])
     command_line = summary["command"]
     assert "--ddpm_beta_schedule squaredcos_cap_v2" in command_line
     assert "--resume_from_checkpoint latest" in command_line
     assert summary["heldout_images"] == 4 and summary["bpd_kl_timesteps"] == 19 and summary["bpd"] > 0
     assert 0 <= summary["memorization_share"] <= 1
-    for picture in ("samples-dpmsolver-25.png", "samples-ddpm.png", "trajectory.png", "memorization.png"):
+    for picture in (
+        "samples-dpmsolver-25.png",
+        "samples-ddpm.png",
+        "trajectory.png",
+        "memorization.png",
+        "progress.png",
+    ):
         assert Image.open(out / "report" / picture).size[0] > 0, picture
 
 
