@@ -218,9 +218,8 @@ def peak_resident_bytes(name: str, layout: torch.memory_format, args: argparse.N
     """CPU: how far a training step lifts the process's resident memory at its peak (gradients, AdamW
     state, activations, workspaces), in a fresh process that holds only this model, so that memory
     another model freed cannot hide any of it."""
-    config = str(args.model_config) if args.model_config else None
     call = (f"bench_unet.print_peak_resident_growth({name!r}, {layout_name(layout)!r}, {args.train_batch}, "
-            f"{args.dtype!r}, {args.autocast}, {args.malloc!r}, {config!r}, {args.resolution})")  # fmt: skip
+            f"{args.dtype!r}, {args.autocast}, {args.malloc!r}, {args.model_config!r}, {args.resolution})")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", f"import bench_unet; {call}"], cwd=Path(__file__).parent,
                             capture_output=True, text=True)  # fmt: skip
     if result.returncode:
@@ -396,7 +395,7 @@ def result_record(hardware: str, args: argparse.Namespace, mode: str | None, row
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "command": "python " + " ".join(sys.argv),
-        "model_config": str(args.model_config) if args.model_config else None,
+        "model_config": args.model_config,
         "resolution": args.resolution,
         "batch": args.train_batch,
         "infer_batch": args.infer_batch,
@@ -432,7 +431,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser, compile_help: str) -
                         help="Keep fp32 weights and run under torch.autocast(--dtype), as "
                              "train_unconditional.py --mixed_precision does.")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help=compile_help)
-    parser.add_argument("--model-config", type=Path, default=None,
+    parser.add_argument("--model-config", default=None,
                         help="A PetsUNet2DModel config.json (e.g. benchmarks/configs/small-32px.json); "
                              "default: the default design.")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=None,
@@ -447,7 +446,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser, compile_help: str) -
                         help="Set torch.backends.cudnn.benchmark (cuDNN times its algorithms first).")  # fmt: skip
 
 
-def build_model(config: str | Path | None, resolution: int | None = None) -> PetsUNet2DModel:
+def build_model(config: str | None, resolution: int | None = None) -> PetsUNet2DModel:
     """PetsUNet2DModel from a config.json, or the default design; at `resolution` if given."""
     settings = PetsUNet2DModel.load_config(config) if config else {}
     return PetsUNet2DModel.from_config({**settings, **({"sample_size": resolution} if resolution else {})})

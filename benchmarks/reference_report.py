@@ -64,11 +64,8 @@ def main() -> None:
     copying = memorization(samples, train, heldout)
     nearest_picture(samples, train, copying).save(options.out_dir / "memorization.png")
     shutil.copyfile(options.run_dir / "loss_curve.png", options.out_dir / "loss_curve.png")
-    batch = json.loads((options.run_dir / "train_summary.json").read_text())["total_batch_size"]
-    progress = run_progress(options.run_dir, options.run_dir / args.logging_dir, batch)
-    plot_progress(options.run_dir, progress, options.out_dir / "progress.png")
     summary = summarise(options, args, bound, loss, copying, device, time.perf_counter() - started)
-    summary["progress"] = progress
+    plot_progress(options.run_dir, summary["progress"], options.out_dir / "progress.png")
     (options.out_dir / "reference_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({key: summary[key] for key in ("bpd", "bpd_stderr", "heldout_loss", "memorization_share")}))
 
@@ -96,7 +93,9 @@ def summarise(options, args: Namespace, bound: dict, loss: dict, copying: dict, 
     import diffusers
 
     run = json.loads((options.run_dir / "train_summary.json").read_text())
-    rates = [value for step, value in read_scalars(options.run_dir / args.logging_dir, "images_per_sec")]
+    log_dir = options.run_dir / args.logging_dir
+    minutes = run_minutes(log_dir)
+    rates = [value for step, value in read_scalars(log_dir, "images_per_sec")]
     steady = rates[len(rates) // 5 :] or rates  # past compiling and warm-up
     return {
         "bpd": bound["bpd"],
@@ -115,7 +114,7 @@ def summarise(options, args: Namespace, bound: dict, loss: dict, copying: dict, 
         "optimizer_steps": run["global_step"],
         "batch": run["total_batch_size"],
         "train_wall_time_s": run["wall_time_s"],  # this piece's
-        "run_minutes": round(max(run_minutes(options.run_dir / args.logging_dir).values(), default=0.0), 2),
+        "run_minutes": round(max(minutes.values(), default=0.0), 2),
         "stopped_by_time_budget": run.get("stopped_by_time_budget"),
         "post_hoc_ema": run.get("post_hoc_ema"),
         "report_wall_time_s": round(seconds, 1),
@@ -131,6 +130,7 @@ def summarise(options, args: Namespace, bound: dict, loss: dict, copying: dict, 
         "dataset": args.dataset_name if args.train_data_dir is None else args.train_data_dir,
         "command": options.command,
         "date": time.strftime("%Y-%m-%d"),
+        "progress": run_progress(options.run_dir, log_dir, run["total_batch_size"], minutes),
     }
 
 

@@ -39,10 +39,9 @@ def run_minutes(log_dir: str | Path) -> dict[int, float]:
     return minutes
 
 
-def run_progress(run_dir: str | Path, log_dir: str | Path, images_per_step: int) -> dict:
-    """Where the run stood at each held-out bound and each sample grid: step, minutes, images seen, and the
-    bound (bits/dim ± standard error) or the grid's file."""
-    minutes = run_minutes(log_dir)
+def run_progress(run_dir: str | Path, log_dir: str | Path, images_per_step: int, minutes: dict[int, float]) -> dict:
+    """Where the run stood at each held-out bound and each sample grid: step, minutes (`run_minutes`), images
+    seen, and the bound (bits/dim ± standard error) or the grid's file."""
 
     def minute(step: int) -> float:
         return round(minutes.get(step, max((m for s, m in minutes.items() if s <= step), default=0.0)), 1)
