@@ -4,7 +4,8 @@
     python benchmarks/variants.py --device cuda --dtype bf16 --autocast --train-batch 256 --infer-batch 256
 
 Variants: memory layout (channels-last or contiguous) x upsampling (sub-pixel where it applies, or
-always interpolate + conv) for ours; both layouts for the twin. All start from the same weights and
+always interpolate + conv) for ours, and ours with its GroupNorms in the activations' dtype (plain
+nn.GroupNorm, not float32); both layouts for the twin. All start from the same weights and
 are timed alternately after a warm-up (bench_unet.py's workloads); the table gives images/s and the
 ratio to the first variant.
 """
@@ -21,14 +22,16 @@ from bench_unet import (
     TrainStep,
     add_workload_arguments,
     alternate,
+    build_model,
     compile_mode,
     on_device,
     progress,
     twin_of,
 )
+from torch import nn
 
 from pets_diffusion import PetsUNet2DModel
-from pets_diffusion.unet import Upsample
+from pets_diffusion.unet import GroupNorm32, Upsample
 
 
 def without_subpixel(model: PetsUNet2DModel) -> PetsUNet2DModel:
@@ -39,24 +42,35 @@ def without_subpixel(model: PetsUNet2DModel) -> PetsUNet2DModel:
     return model
 
 
-def build_variants(names: list[str], device, weights_dtype) -> dict[str, tuple[torch.nn.Module, torch.memory_format]]:
+def with_plain_norms(model: PetsUNet2DModel) -> PetsUNet2DModel:
+    """The model with every GroupNorm32 replaced by an nn.GroupNorm (same weights), which runs in its input's dtype."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GroupNorm32):
+            plain = nn.GroupNorm(module.num_groups, module.num_channels, module.eps).to(module.weight)
+            plain.load_state_dict(module.state_dict())
+            model.set_submodule(name, plain)
+    return model
+
+
+def build_variants(names: list[str], device, weights_dtype, config: str | None, resolution: int | None):
     """A copy of ours or the twin (same weights) for each named variant, in its layout."""
     torch.manual_seed(0)
-    ours = on_device(PetsUNet2DModel(), device, weights_dtype)
+    ours = on_device(build_model(config, resolution), device, weights_dtype)
     twin = on_device(twin_of(ours), device, weights_dtype)
-    recipes = {}  # name: (model to copy, plain upsampling, layout)
+    recipes = {}  # name: (model to copy, what to change in the copy, layout)
     for layout_name, layout in LAYOUTS.items():
-        recipes[f"ours {layout_name}"] = (ours, False, layout)
-        recipes[f"ours {layout_name}, no sub-pixel"] = (ours, True, layout)
-        recipes[f"twin {layout_name}"] = (twin, False, layout)
+        recipes[f"ours {layout_name}"] = (ours, None, layout)
+        recipes[f"ours {layout_name}, no sub-pixel"] = (ours, without_subpixel, layout)
+        recipes[f"ours {layout_name}, GroupNorm not in float32"] = (ours, with_plain_norms, layout)
+        recipes[f"twin {layout_name}"] = (twin, None, layout)
     unknown = set(names) - set(recipes)
     if unknown:
         raise SystemExit(f"unknown variant(s) {sorted(unknown)}; choose from {sorted(recipes)}")
     variants = {}
     for name in names:
-        model, plain_upsampling, layout = recipes[name]
+        model, change, layout = recipes[name]
         copied = copy.deepcopy(model).to(memory_format=layout)
-        variants[name] = (without_subpixel(copied) if plain_upsampling else copied, layout)
+        variants[name] = (change(copied) if change else copied, layout)
     return variants
 
 
@@ -77,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     precision = Precision(device, DTYPES[args.dtype], args.autocast)
-    variants = build_variants(args.variants, device, precision.weights)
+    variants = build_variants(args.variants, device, precision.weights, args.model_config, args.resolution)
 
     progress("training steps")
     mode = compile_mode(args)

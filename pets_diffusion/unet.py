@@ -32,6 +32,20 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and returned in the input's dtype (improved-diffusion's GroupNorm32).
+
+    Its statistics sum thousands of values, which bf16 rounds badly; and on CPU, PyTorch's kernel for a
+    channels-last bf16 map is its slow path: the float32 one makes a whole training step faster
+    (benchmarks/README.md, "Where the CPU pets step goes").
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, plus the projected time embedding, GroupNorm -> SiLU -> dropout -> conv.
 
@@ -48,10 +62,10 @@ class ResnetBlock(nn.Module):
         dropout: float,  # dropout before the second conv
     ):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = GroupNorm32(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = GroupNorm32(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -77,7 +91,7 @@ class AttentionBlock(nn.Module):
     ):
         super().__init__()
         self.heads = channels // head_dim
-        self.norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.norm = GroupNorm32(groups, channels, eps=eps)
         self.to_qkv = nn.Linear(channels, 3 * channels)
         self.to_out = zero_module(nn.Linear(channels, channels))
 
@@ -227,7 +241,7 @@ class PetsUNet2DModel(UNet2DModel):
                 self.up_attentions.append(attn(width) if size in attention_at else nn.Identity())
                 channels = width
 
-        self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels, eps=norm_eps)
+        self.conv_norm_out = GroupNorm32(norm_num_groups, channels, eps=norm_eps)
         self.conv_out = zero_module(nn.Conv2d(channels, out_channels, 3, padding=1))
 
     def _run(self, block: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:

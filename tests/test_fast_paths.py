@@ -1,5 +1,5 @@
 """Every fast path equals the plain path within tolerance: channels-last, fused AdamW, torch.compile, sub-pixel
-upsampling, in-place residual blocks, bf16."""
+upsampling, in-place residual blocks, float32 GroupNorm, bf16."""
 
 import copy
 import json
@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pets_diffusion import hardware
 from pets_diffusion.components import bf16_hint, resolve_mixed_precision
 from pets_diffusion.layout import chosen_memory_format, preferred_memory_format
-from pets_diffusion.unet import Upsample
+from pets_diffusion.unet import GroupNorm32, Upsample
 
 from .helpers import launch, make_image_folder, tiny_training_args, write_tiny_config
 
@@ -42,6 +42,35 @@ def test_channels_last_matches_contiguous(tiny_unet):
     fast = copy.deepcopy(tiny_unet).to(memory_format=torch.channels_last)
     assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert_same_path(plain, forward_and_grads(fast, x.contiguous(memory_format=torch.channels_last), t))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_float32_groupnorm_on_bf16_is_the_exact_norm_rounded_once(memory_format):
+    """GroupNorm32 runs bf16 maps through the float32 kernel (faster on CPU channels-last): its values and
+    gradients are the float64 norm's within bf16 rounding, as close as PyTorch's bf16 kernel gets."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 64, 8, 8) * 3 + 20).to(torch.bfloat16).contiguous(memory_format=memory_format)
+    ours = GroupNorm32(32, 64).to(torch.bfloat16)  # bf16 weights, as bf16 sampling casts the model
+    torch.nn.init.normal_(ours.weight)
+    torch.nn.init.normal_(ours.bias)
+    plain = torch.nn.GroupNorm(32, 64).to(torch.bfloat16)
+    exact = torch.nn.GroupNorm(32, 64).double()
+    for norm in (plain, exact):
+        norm.load_state_dict(ours.state_dict())
+    results = {}
+    for name, norm in {"ours": ours, "plain": plain, "exact": exact}.items():
+        leaf = x.clone().to(norm.weight.dtype).requires_grad_()
+        out = norm(leaf)
+        (out.double() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results[name] = [out, leaf.grad, norm.weight.grad, norm.bias.grad]
+    assert results["ours"][0].dtype == torch.bfloat16
+    assert results["ours"][0].is_contiguous(memory_format=memory_format)
+    for index in range(4):
+        exact_value = results["exact"][index]
+        error = {name: (results[name][index].double() - exact_value).abs().max().item() for name in ("ours", "plain")}
+        scale = exact_value.abs().max().item()
+        assert error["ours"] <= 2**-7 * scale  # bf16 keeps 8 significant bits
+        assert error["ours"] <= error["plain"] + 2**-8 * scale
 
 
 def test_the_cpu_layout_holds_through_every_convolution(tiny_unet):
