@@ -18,11 +18,16 @@
 #             recipe), squaredcos_cap_v2 at 2e-4, and squaredcos_cap_v2 at 1e-3; then compare_runs.py: 50-term
 #             held-out bounds paired against the first run, held-out loss, DDPM grids (100 steps) from the
 #             same noise; recipe_table.py tables it
+#   axes      the screen's other axes, 8 minutes each, each one change from the cpu32 stage's best (squaredcos_cap_v2,
+#             lr 1e-3, batch 32): batch 16 and 64, v-prediction, min-SNR gamma 5, learned variances (L_hybrid), the
+#             stretched split added, two res blocks a level, post-hoc EMA (its run sweeps the EMA width); the same
+#             64 train images held out by all, as a file (so that the stretched run holds out the same ones); then
+#             compare_runs.py and recipe_table.py as in cpu32
 # Every run holds out the same 128 images of the faithful `train` split (seed 0). Logs go to OUT/*.log.
 set -euo pipefail
 DATA=$(realpath "$1") OUT=$2
 shift 2
-STAGES=("${@:-speed quickstart bf16 variance posthoc cpu32}")
+STAGES=("${@:-speed quickstart bf16 variance posthoc cpu32 axes}")
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 SMALL=$ROOT/benchmarks/configs/small-64px.json
@@ -120,6 +125,45 @@ EOF
         "$PYTHON" "$ROOT/benchmarks/recipe_table.py" --compare "$OUT/cpu32-compare/compare.json" \
             "$OUT"/cpu32-linear-2e-4 "$OUT"/cpu32-squaredcos_cap_v2-2e-4 "$OUT"/cpu32-squaredcos_cap_v2-1e-3 |
             tee "$OUT/cpu32.md"
+        ;;
+    axes)
+        data=$OUT/axes-data
+        "$PYTHON" - "$DATA" "$data" "$ROOT/benchmarks/configs/small-32px.json" <<'EOF'
+"""The train split less 64 held-out images (seed 0), that plus the stretched split, the 64, and a deeper config."""
+import json, sys
+from pathlib import Path
+from datasets import concatenate_datasets, load_dataset
+from pets_diffusion.data import hold_out
+source, out, config = sys.argv[1], Path(sys.argv[2]), json.loads(Path(sys.argv[3]).read_text())
+out.mkdir(parents=True, exist_ok=True)
+train, stretched = load_dataset(source, split="train"), load_dataset(source, split="stretched")
+_, _, held = hold_out(range(len(train)), 64, seed=0)
+kept = train.select(sorted(set(range(len(train))) - set(held)))
+train.select(held).to_parquet(out / "heldout.parquet")
+kept.to_parquet(out / "train.parquet")
+concatenate_datasets([kept, stretched]).to_parquet(out / "train+stretched.parquet")
+(out / "small-32px-deep.json").write_text(json.dumps({**config, "layers_per_block": 2}))
+EOF
+        runs=()
+        for axis in base "batch16 --train_batch_size 16" "batch64 --train_batch_size 64" \
+            "vpred --prediction_type v_prediction" "minsnr5 --snr_gamma 5" "learned --variance_type learned_range" \
+            "stretched --dataset_name $data/train+stretched.parquet" \
+            "deep --model_config_name_or_path $data/small-32px-deep.json" \
+            "posthoc --post_hoc_ema --post_hoc_ema_every 25"; do
+            read -r name flags <<<"$axis"
+            # shellcheck disable=SC2086  # the axis's flags, split into words, last so that they win
+            train "axes-$name" --dataset_name "$data/train.parquet" --validation_dataset "$data/heldout.parquet" \
+                --model_config_name_or_path "$ROOT/benchmarks/configs/small-32px.json" --resolution 32 \
+                --train_batch_size 32 --ddpm_beta_schedule squaredcos_cap_v2 --learning_rate 1e-3 \
+                --max_train_time "${SCREEN_TIME:-8m}" --mixed_precision auto --validation_images 64 \
+                --validation_steps 100 --checkpointing_steps 100000 --save_images_steps 100000 $flags
+            runs+=("$OUT/axes-$name")
+        done
+        "$PYTHON" "$ROOT/benchmarks/compare_runs.py" "${runs[@]}" --out "$OUT/axes-compare" --nll-timesteps 50 \
+            --grids 100 >"$OUT/axes-compare.log" 2>&1
+        "$PYTHON" "$ROOT/benchmarks/recipe_table.py" --compare "$OUT/axes-compare/compare.json" "${runs[@]}" |
+            tee "$OUT/axes.md"
+        grep -a -A12 "Post-hoc EMA by held-out" "$OUT/axes-posthoc.log" | tee "$OUT/axes-posthoc-ema.txt"
         ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac

@@ -15,8 +15,30 @@ import argparse
 import json
 from pathlib import Path
 
-COLUMNS = ("run", "betas", "lr", "batch", "prediction", "steps", "images seen", "images/s", "logged bits/dim")
+COLUMNS = (
+    "run",
+    "model",
+    "data",
+    "betas",
+    "lr",
+    "batch",
+    "objective",
+    "steps",
+    "images seen",
+    "images/s",
+    "logged bits/dim",
+)
 COMPARED = ("bits/dim (paired set)", "− first run (paired)", "held-out loss")
+
+
+def objective(args: dict) -> str:
+    """What the model predicts and how the loss weighs it: the prediction, min-SNR's γ, L_hybrid."""
+    parts = [args["prediction_type"]]
+    if args.get("snr_gamma") is not None:
+        parts.append(f"min-SNR γ {args['snr_gamma']:g}")
+    if args.get("variance_type", "fixed_small").startswith("learned"):
+        parts.append("learned variances (L_hybrid)")
+    return ", ".join(parts)
 
 
 def row(run_dir: Path, compared: dict | None) -> list[str]:
@@ -25,8 +47,10 @@ def row(run_dir: Path, compared: dict | None) -> list[str]:
     validation = summary.get("validation", {})
     steps = summary["global_step"]
     bpd = f"{validation['bpd']:.3f} ± {validation['bpd_stderr']:.3f}" if "bpd" in validation else "-"
-    cells = [run_dir.name, args["ddpm_beta_schedule"], f"{args['learning_rate']:g}", str(summary["total_batch_size"]),
-             args["prediction_type"], str(steps), f"{steps * summary['total_batch_size']:,}",
+    model = Path(args["model_config_name_or_path"]).stem if args.get("model_config_name_or_path") else "default"
+    data = Path(args.get("train_data_dir") or args["dataset_name"]).name
+    cells = [run_dir.name, model, data, args["ddpm_beta_schedule"], f"{args['learning_rate']:g}",
+             str(summary["total_batch_size"]), objective(args), str(steps), f"{steps * summary['total_batch_size']:,}",
              f"{summary['last_images_per_sec']:.1f}", bpd]  # fmt: skip
     if compared is not None:
         bound = compared["bound"]
