@@ -92,10 +92,10 @@ def test_the_cpu_pets_command_trains_in_two_resumed_pieces_then_draws_and_measur
         "progress.png",
     ):
         assert Image.open(out / "report" / picture).size[0] > 0, picture
-    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recipe_table.py"), str(out)],
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recipe_table.py"), str(out / "run")],
                            capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()  # fmt: skip
     cells = [cell.strip() for cell in table[2].strip("|").split("|")]  # the recipe table's row of this run
-    assert cells[:9] == ["pets", "tiny", "images", "squaredcos_cap_v2", "0.001", "4", "epsilon", str(steps[1]),
+    assert cells[:9] == ["run", "tiny", "images", "squaredcos_cap_v2", "0.001", "4", "epsilon", str(steps[1]),
                          f"{steps[1] * 4:,}"]  # fmt: skip
 
 
