@@ -35,9 +35,9 @@ def zero_module(module: nn.Module) -> nn.Module:
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and returned in the input's dtype (improved-diffusion's GroupNorm32).
 
-    Its statistics sum thousands of values, which bf16 rounds badly; and on CPU, PyTorch's kernel for a
-    channels-last bf16 map is its slow path: the float32 one makes a whole training step faster
-    (benchmarks/README.md, "Where the CPU pets step goes").
+    On CPU, PyTorch's kernel for a channels-last bf16 map is its slow path: the float32 one makes a whole
+    training step faster (benchmarks/README.md, "Where the CPU pets step goes"). The values are the bf16
+    kernel's to rounding, since that kernel also accumulates in float32.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
