@@ -4,7 +4,8 @@
 
 Every run must have held out the same images (--validation_images with the same seed and data); the
 first run's are used. The bound of each run uses the same images, timesteps and noise, so differences
-against the first run are paired: their standard errors are those of the per-image differences.
+against the first run are paired: their standard errors are those of the per-image differences. Runs at
+another resolution than the first are measured but not paired (bits/dim is per dimension of each size).
 Writes OUT/compare.json, OUT/<run>-ddpm-<steps>.png (16 samples from the same noise) and prints a table.
 """
 
@@ -47,7 +48,8 @@ def main() -> None:
         loss = heldout_loss(unet, scheduler, heldout, seed=0, batch_size=options.batch_size)
         summary = json.loads((run / "train_summary.json").read_text())
         rows.append({
-            "run": str(run), "variance_type": scheduler.config.variance_type, "bound": bound,
+            "run": str(run), "resolution": unet.config.sample_size, "variance_type": scheduler.config.variance_type,
+            "bound": bound,
             "loss": loss["loss"], "loss_stderr": loss["loss_stderr"], "evaluation_s": time.perf_counter() - started,
             "global_step": summary["global_step"], "train_wall_time_s": summary["wall_time_s"],
         })  # fmt: skip
@@ -55,14 +57,21 @@ def main() -> None:
             images = sampling.sample(unet, sampling.make_scheduler("ddpm", scheduler.config), 16, steps, seed=0)
             sampling.grid(images).save(options.out / f"{run.name}-ddpm-{steps}.png")
     for row in rows:
-        row["bpd_minus_first"], row["bpd_minus_first_stderr"] = paired_difference(row["bound"], rows[0]["bound"])
+        paired = row["resolution"] == rows[0]["resolution"]
+        difference = paired_difference(row["bound"], rows[0]["bound"]) if paired else (None, None)
+        row["bpd_minus_first"], row["bpd_minus_first_stderr"] = difference
     print(f"| run | variance | bits/dim | decoder | KL terms | minus {rows[0]['run']} (paired) | held-out loss |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
         bound = row["bound"]
+        minus_first = (
+            "not paired"
+            if row["bpd_minus_first"] is None
+            else (f"{row['bpd_minus_first']:+.4f} ± {row['bpd_minus_first_stderr']:.4f}")
+        )
         print(f"| {row['run']} | {row['variance_type']} | {bound['bpd']:.4f} ± {bound['bpd_stderr']:.4f} | "
               f"{bound['decoder_bpd']:.4f} | {bound['kl_bpd']:.4f} ± {bound['kl_bpd_stderr']:.4f} | "
-              f"{row['bpd_minus_first']:+.4f} ± {row['bpd_minus_first_stderr']:.4f} | "
+              f"{minus_first} | "
               f"{row['loss']:.5f} ± {row['loss_stderr']:.5f} |")  # fmt: skip
     for row in rows:
         row["bound"] = {key: value for key, value in row["bound"].items() if key != "bpd_per_image"}

@@ -23,11 +23,14 @@
 #             stretched split added, two res blocks a level, post-hoc EMA (its run sweeps the EMA width); the same
 #             64 train images held out by all, as a file (so that the stretched run holds out the same ones); then
 #             compare_runs.py and recipe_table.py as in cpu32
+#   res64     32x32 against 64x64 at equal CPU time: the chosen recipe (the axes' winners, batch 16 and learned
+#             variances) at 32x32, and the same widths at 64x64 (attention at 16x16 only), on the axes' data
+#             files; compare_runs.py pairs bounds only between runs of one resolution (bits/dim is per dimension)
 # Every run holds out the same 128 images of the faithful `train` split (seed 0). Logs go to OUT/*.log.
 set -euo pipefail
 DATA=$(realpath "$1") OUT=$2
 shift 2
-STAGES=("${@:-speed quickstart bf16 variance posthoc cpu32 axes}")
+STAGES=("${@:-speed quickstart bf16 variance posthoc cpu32 axes res64}")
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 SMALL=$ROOT/benchmarks/configs/small-64px.json
@@ -44,6 +47,35 @@ train() {  # train NAME [flags]: the small config on DATA, 128 images held out
         --validation_images 128 --validation_steps 250 --checkpointing_steps 500 --save_images_steps 1000 \
         --ddpm_num_inference_steps 100 --num_epochs 100000 --save_model_epochs 100000 --seed 0 "$@" \
         >"$OUT/$name.log" 2>&1
+}
+
+screen() {  # screen NAME [flags]: an 8-minute run (SCREEN_TIME) of the chosen 32x32 recipe, 64 held out; flags win
+    local name=$1
+    shift
+    train "$name" --model_config_name_or_path "$ROOT/benchmarks/configs/small-32px.json" --resolution 32 \
+        --train_batch_size 32 --ddpm_beta_schedule squaredcos_cap_v2 --learning_rate 1e-3 \
+        --max_train_time "${SCREEN_TIME:-8m}" --mixed_precision auto --validation_images 64 \
+        --validation_steps 100 --checkpointing_steps 100000 --save_images_steps 100000 "$@"
+}
+
+screen_data() {  # OUT/axes-data: the train split less 64 held-out images, the 64, the stretched split added
+    "$PYTHON" - "$DATA" "$OUT/axes-data" "$ROOT/benchmarks/configs/small-32px.json" <<'EOF'
+"""The train split less 64 held-out images (seed 0), that plus the stretched split, the 64, two more configs."""
+import json, sys
+from pathlib import Path
+from datasets import concatenate_datasets, load_dataset
+from pets_diffusion.data import hold_out
+source, out, config = sys.argv[1], Path(sys.argv[2]), json.loads(Path(sys.argv[3]).read_text())
+out.mkdir(parents=True, exist_ok=True)
+train, stretched = load_dataset(source, split="train"), load_dataset(source, split="stretched")
+_, _, held = hold_out(range(len(train)), 64, seed=0)
+kept = train.select(sorted(set(range(len(train))) - set(held)))
+train.select(held).to_parquet(out / "heldout.parquet")
+kept.to_parquet(out / "train.parquet")
+concatenate_datasets([kept, stretched]).to_parquet(out / "train+stretched.parquet")
+(out / "small-32px-deep.json").write_text(json.dumps({**config, "layers_per_block": 2}))
+(out / "small-32px-at-64.json").write_text(json.dumps({**config, "attention_resolutions": [16]}))  # 8x8 is no level
+EOF
 }
 
 for stage in ${STAGES[*]}; do
@@ -113,10 +145,7 @@ EOF
     cpu32)
         for recipe in "linear 2e-4" "squaredcos_cap_v2 2e-4" "squaredcos_cap_v2 1e-3"; do
             read -r betas lr <<<"$recipe"
-            train "cpu32-$betas-$lr" --model_config_name_or_path "$ROOT/benchmarks/configs/small-32px.json" \
-                --resolution 32 --train_batch_size 32 --ddpm_beta_schedule "$betas" --learning_rate "$lr" \
-                --max_train_time "${SCREEN_TIME:-8m}" --mixed_precision auto --validation_images 64 \
-                --validation_steps 100 --checkpointing_steps 100000 --save_images_steps 100000
+            screen "cpu32-$betas-$lr" --ddpm_beta_schedule "$betas" --learning_rate "$lr"
         done
         # The same 64 held-out images, timesteps and noise for every run: 50-term bounds paired against the first.
         "$PYTHON" "$ROOT/benchmarks/compare_runs.py" "$OUT"/cpu32-linear-2e-4 "$OUT"/cpu32-squaredcos_cap_v2-2e-4 \
@@ -128,22 +157,7 @@ EOF
         ;;
     axes)
         data=$OUT/axes-data
-        "$PYTHON" - "$DATA" "$data" "$ROOT/benchmarks/configs/small-32px.json" <<'EOF'
-"""The train split less 64 held-out images (seed 0), that plus the stretched split, the 64, and a deeper config."""
-import json, sys
-from pathlib import Path
-from datasets import concatenate_datasets, load_dataset
-from pets_diffusion.data import hold_out
-source, out, config = sys.argv[1], Path(sys.argv[2]), json.loads(Path(sys.argv[3]).read_text())
-out.mkdir(parents=True, exist_ok=True)
-train, stretched = load_dataset(source, split="train"), load_dataset(source, split="stretched")
-_, _, held = hold_out(range(len(train)), 64, seed=0)
-kept = train.select(sorted(set(range(len(train))) - set(held)))
-train.select(held).to_parquet(out / "heldout.parquet")
-kept.to_parquet(out / "train.parquet")
-concatenate_datasets([kept, stretched]).to_parquet(out / "train+stretched.parquet")
-(out / "small-32px-deep.json").write_text(json.dumps({**config, "layers_per_block": 2}))
-EOF
+        screen_data
         runs=()
         for axis in base "batch16 --train_batch_size 16" "batch64 --train_batch_size 64" \
             "vpred --prediction_type v_prediction" "minsnr5 --snr_gamma 5" "learned --variance_type learned_range" \
@@ -152,11 +166,7 @@ EOF
             "posthoc --post_hoc_ema --post_hoc_ema_every 25"; do
             read -r name flags <<<"$axis"
             # shellcheck disable=SC2086  # the axis's flags, split into words, last so that they win
-            train "axes-$name" --dataset_name "$data/train.parquet" --validation_dataset "$data/heldout.parquet" \
-                --model_config_name_or_path "$ROOT/benchmarks/configs/small-32px.json" --resolution 32 \
-                --train_batch_size 32 --ddpm_beta_schedule squaredcos_cap_v2 --learning_rate 1e-3 \
-                --max_train_time "${SCREEN_TIME:-8m}" --mixed_precision auto --validation_images 64 \
-                --validation_steps 100 --checkpointing_steps 100000 --save_images_steps 100000 $flags
+            screen "axes-$name" --dataset_name "$data/train.parquet" --validation_dataset "$data/heldout.parquet" $flags
             runs+=("$OUT/axes-$name")
         done
         "$PYTHON" "$ROOT/benchmarks/compare_runs.py" "${runs[@]}" --out "$OUT/axes-compare" --nll-timesteps 50 \
@@ -164,6 +174,23 @@ EOF
         "$PYTHON" "$ROOT/benchmarks/recipe_table.py" --compare "$OUT/axes-compare/compare.json" "${runs[@]}" |
             tee "$OUT/axes.md"
         grep -a -A12 "Post-hoc EMA by held-out" "$OUT/axes-posthoc.log" | tee "$OUT/axes-posthoc-ema.txt"
+        ;;
+    res64)
+        data=$OUT/axes-data
+        screen_data
+        runs=()
+        for resolution in 32 64; do
+            config=$ROOT/benchmarks/configs/small-32px.json
+            [[ $resolution == 64 ]] && config=$data/small-32px-at-64.json
+            screen "res$resolution" --dataset_name "$data/train.parquet" --validation_dataset "$data/heldout.parquet" \
+                --model_config_name_or_path "$config" --resolution "$resolution" --train_batch_size 16 \
+                --variance_type learned_range --validation_steps 200
+            runs+=("$OUT/res$resolution")
+        done
+        "$PYTHON" "$ROOT/benchmarks/compare_runs.py" "${runs[@]}" --out "$OUT/res64-compare" --nll-timesteps 50 \
+            --grids 100 >"$OUT/res64-compare.log" 2>&1
+        "$PYTHON" "$ROOT/benchmarks/recipe_table.py" --compare "$OUT/res64-compare/compare.json" "${runs[@]}" |
+            tee "$OUT/res64.md"
         ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac

@@ -8,7 +8,8 @@ Each RUN_DIR is a `train_unconditional.py` output trained with --validation_imag
 training_args.json (the recipe) and train_summary.json (steps, images seen, images/s, and the held-out
 bound its run logged at the last save). With --compare, compare_runs.py's report of the same runs adds
 the bound on the same images, timesteps and noise for all, its paired difference from the first run, and
-the held-out loss (comparable between runs of one beta schedule only: the schedule sets each t's noise).
+the held-out loss (comparable between runs of one beta schedule only: the schedule sets each t's noise);
+a run at another resolution than the first has its own bound, not a paired difference.
 """
 
 import argparse
@@ -53,9 +54,10 @@ def row(run_dir: Path, compared: dict | None) -> list[str]:
              str(summary["total_batch_size"]), objective(args), str(steps), f"{steps * summary['total_batch_size']:,}",
              f"{summary['last_images_per_sec']:.1f}", bpd]  # fmt: skip
     if compared is not None:
-        bound = compared["bound"]
+        bound, difference = compared["bound"], compared["bpd_minus_first"]
         cells += [f"{bound['bpd']:.3f} ± {bound['bpd_stderr']:.3f}",
-                  f"{compared['bpd_minus_first']:+.3f} ± {compared['bpd_minus_first_stderr']:.3f}",
+                  "not paired (another resolution)" if difference is None else
+                  f"{difference:+.3f} ± {compared['bpd_minus_first_stderr']:.3f}",
                   f"{compared['loss']:.4f} ± {compared['loss_stderr']:.4f}"]  # fmt: skip
     return cells
 
