@@ -23,8 +23,8 @@
 #             stretched split added, two res blocks a level, post-hoc EMA (its run sweeps the EMA width); the same
 #             64 train images held out by all, as a file (so that the stretched run holds out the same ones); then
 #             compare_runs.py and recipe_table.py as in cpu32
-#   res64     32x32 against 64x64 at equal CPU time: the chosen recipe (the axes' winners, batch 16 and learned
-#             variances) at 32x32, and the same widths at 64x64 (attention at 16x16 only), on the axes' data
+#   res64     32x32 against 64x64 at equal CPU time: the chosen recipe with the axes' two winners (batch 16,
+#             learned variances) at 32x32, and the same widths at 64x64 (attention at 16x16 only), on the axes' data
 #             files; compare_runs.py pairs bounds only between runs of one resolution (bits/dim is per dimension)
 # Every run holds out the same 128 images of the faithful `train` split (seed 0). Logs go to OUT/*.log.
 set -euo pipefail
@@ -56,6 +56,15 @@ screen() {  # screen NAME [flags]: an 8-minute run (SCREEN_TIME) of the chosen 3
         --train_batch_size 32 --ddpm_beta_schedule squaredcos_cap_v2 --learning_rate 1e-3 \
         --max_train_time "${SCREEN_TIME:-8m}" --mixed_precision auto --validation_images 64 \
         --validation_steps 100 --checkpointing_steps 100000 --save_images_steps 100000 "$@"
+}
+
+compare_screen() {  # compare_screen STAGE RUN...: 50-term bounds paired against the first run, grids, the table
+    local stage=$1
+    shift
+    "$PYTHON" "$ROOT/benchmarks/compare_runs.py" "$@" --out "$OUT/$stage-compare" --nll-timesteps 50 --grids 100 \
+        >"$OUT/$stage-compare.log" 2>&1
+    "$PYTHON" "$ROOT/benchmarks/recipe_table.py" --compare "$OUT/$stage-compare/compare.json" "$@" |
+        tee "$OUT/$stage.md"
 }
 
 screen_data() {  # OUT/axes-data: the train split less 64 held-out images, the 64, the stretched split added
@@ -148,12 +157,8 @@ EOF
             screen "cpu32-$betas-$lr" --ddpm_beta_schedule "$betas" --learning_rate "$lr"
         done
         # The same 64 held-out images, timesteps and noise for every run: 50-term bounds paired against the first.
-        "$PYTHON" "$ROOT/benchmarks/compare_runs.py" "$OUT"/cpu32-linear-2e-4 "$OUT"/cpu32-squaredcos_cap_v2-2e-4 \
-            "$OUT"/cpu32-squaredcos_cap_v2-1e-3 --out "$OUT/cpu32-compare" --nll-timesteps 50 --grids 100 \
-            >"$OUT/cpu32-compare.log" 2>&1
-        "$PYTHON" "$ROOT/benchmarks/recipe_table.py" --compare "$OUT/cpu32-compare/compare.json" \
-            "$OUT"/cpu32-linear-2e-4 "$OUT"/cpu32-squaredcos_cap_v2-2e-4 "$OUT"/cpu32-squaredcos_cap_v2-1e-3 |
-            tee "$OUT/cpu32.md"
+        compare_screen cpu32 "$OUT"/cpu32-linear-2e-4 "$OUT"/cpu32-squaredcos_cap_v2-2e-4 \
+            "$OUT"/cpu32-squaredcos_cap_v2-1e-3
         ;;
     axes)
         data=$OUT/axes-data
@@ -169,10 +174,7 @@ EOF
             screen "axes-$name" --dataset_name "$data/train.parquet" --validation_dataset "$data/heldout.parquet" $flags
             runs+=("$OUT/axes-$name")
         done
-        "$PYTHON" "$ROOT/benchmarks/compare_runs.py" "${runs[@]}" --out "$OUT/axes-compare" --nll-timesteps 50 \
-            --grids 100 >"$OUT/axes-compare.log" 2>&1
-        "$PYTHON" "$ROOT/benchmarks/recipe_table.py" --compare "$OUT/axes-compare/compare.json" "${runs[@]}" |
-            tee "$OUT/axes.md"
+        compare_screen axes "${runs[@]}"
         grep -a -A12 "Post-hoc EMA by held-out" "$OUT/axes-posthoc.log" | tee "$OUT/axes-posthoc-ema.txt"
         ;;
     res64)
@@ -187,10 +189,7 @@ EOF
                 --variance_type learned_range --validation_steps 200
             runs+=("$OUT/res$resolution")
         done
-        "$PYTHON" "$ROOT/benchmarks/compare_runs.py" "${runs[@]}" --out "$OUT/res64-compare" --nll-timesteps 50 \
-            --grids 100 >"$OUT/res64-compare.log" 2>&1
-        "$PYTHON" "$ROOT/benchmarks/recipe_table.py" --compare "$OUT/res64-compare/compare.json" "${runs[@]}" |
-            tee "$OUT/res64.md"
+        compare_screen res64 "${runs[@]}"
         ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
