@@ -1,12 +1,17 @@
-"""Compare training runs on the same held-out images: bits/dim (paired), its parts, held-out loss, DDPM grids.
+"""Compare training runs on the same held-out images: bits/dim (paired), its parts, held-out loss, the loss at
+high noise (paired), DDPM grids, and one picture of every run's 64 samples side by side.
 
     python benchmarks/compare_runs.py runs/fixed runs/learned --out runs/compare --grids 50,100,1000
+    python benchmarks/compare_runs.py runs/screen/* --out runs/screen-compare --grids "" --sheet
 
-Every run must have held out the same images (--validation_images with the same seed and data); the
-first run's are used. The bound of each run uses the same images, timesteps and noise, so differences
-against the first run are paired: their standard errors are those of the per-image differences. Runs at
-another resolution than the first are measured but not paired (bits/dim is per dimension of each size).
-Writes OUT/compare.json, OUT/<run>-ddpm-<steps>.png (16 samples from the same noise) and prints a table.
+Every run must have held out the same images (--validation_images with the same seed and data, or the
+same --validation_dataset); the first run's are used. Each run's bound and losses use the same images,
+timesteps and noise, so differences against the first run are paired: their standard errors are those
+of the per-image differences. The high-noise loss is the held-out loss over timesteps t >= 500 of 1,000
+(`--high-noise-from`), where a sample's shapes form. Runs at another resolution than the first are
+measured but not paired (bits/dim is per dimension of each size). Writes OUT/compare.json,
+OUT/<run>-ddpm-<steps>.png (16 samples from the same noise), with --sheet OUT/sheet.png (64 DPM-Solver++
+samples of each run in 25 steps, seed 0, labelled) and prints a table.
 """
 
 import argparse
@@ -15,10 +20,11 @@ import time
 from pathlib import Path
 
 from diffusers import DDPMScheduler
+from PIL import Image, ImageDraw, ImageFont
 
 from pets_diffusion import PetsUNet2DModel, sampling
 from pets_diffusion.evaluation import RunImages
-from pets_diffusion.likelihood import bits_per_dim, heldout_loss, paired_difference
+from pets_diffusion.likelihood import HIGH_NOISE_FROM, bits_per_dim, heldout_loss, paired_difference
 
 
 def main() -> None:
@@ -31,12 +37,15 @@ def main() -> None:
     parser.add_argument("--grids", default="50,100,1000", help="DDPM step counts to draw 16 samples with.")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--pipeline", default="", help="A subfolder of each run holding the pipeline to compare.")
+    parser.add_argument("--high-noise-from", type=int, default=HIGH_NOISE_FROM, help="First timestep of the loss.")
+    parser.add_argument("--high-noise-timesteps", type=int, default=25, help="Its timesteps, evenly spread.")
+    parser.add_argument("--sheet", action="store_true", help="Draw OUT/sheet.png: each run's 64 samples, labelled.")
     options = parser.parse_args()
     options.out.mkdir(parents=True, exist_ok=True)
     held = [json.loads((run / "validation_images.json").read_text()) for run in options.runs]
     if any(record != held[0] for record in held):
         raise SystemExit("the runs held out different images; compare runs with the same --validation_images and seed")
-    rows = []
+    rows, grids = [], []
     for run in options.runs:
         folder = run / options.pipeline
         unet = PetsUNet2DModel.from_pretrained(folder, subfolder="unet").eval()
@@ -46,36 +55,67 @@ def main() -> None:
         started = time.perf_counter()
         bound = bits_per_dim(unet, scheduler, heldout, options.nll_timesteps, 0, options.batch_size, progress=True)
         loss = heldout_loss(unet, scheduler, heldout, seed=0, batch_size=options.batch_size)
+        high_noise = heldout_loss(unet, scheduler, heldout, options.high_noise_timesteps, 0, options.batch_size,
+                                  first_timestep=options.high_noise_from)  # fmt: skip
         summary = json.loads((run / "train_summary.json").read_text())
         rows.append({
             "run": str(run), "resolution": unet.config.sample_size, "variance_type": scheduler.config.variance_type,
             "bound": bound,
-            "loss": loss["loss"], "loss_stderr": loss["loss_stderr"], "evaluation_s": time.perf_counter() - started,
+            "loss": loss["loss"], "loss_stderr": loss["loss_stderr"], "high_noise": high_noise,
+            "evaluation_s": time.perf_counter() - started,
             "global_step": summary["global_step"], "train_wall_time_s": summary["wall_time_s"],
         })  # fmt: skip
         for steps in [int(text) for text in options.grids.split(",") if text.strip()]:
             images = sampling.sample(unet, sampling.make_scheduler("ddpm", scheduler.config), 16, steps, seed=0)
             sampling.grid(images).save(options.out / f"{run.name}-ddpm-{steps}.png")
+        if options.sheet:
+            dpm = sampling.make_scheduler("dpmsolver", scheduler.config)
+            steps = min(25, scheduler.config.num_train_timesteps - 1)  # 25 unless a toy schedule has fewer
+            grids.append(sampling.grid(sampling.sample(unet, dpm, 64, steps, seed=0, batch_size=64)))
+    if options.sheet:
+        labelled_sheet([Path(row["run"]).name for row in rows], grids).save(options.out / "sheet.png")
     for row in rows:
         paired = row["resolution"] == rows[0]["resolution"]
         difference = paired_difference(row["bound"], rows[0]["bound"]) if paired else (None, None)
         row["bpd_minus_first"], row["bpd_minus_first_stderr"] = difference
-    print(f"| run | variance | bits/dim | decoder | KL terms | minus {rows[0]['run']} (paired) | held-out loss |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+        first = rows[0]["high_noise"]
+        difference = paired_difference(row["high_noise"], first, "loss_per_image") if paired else (None, None)
+        row["high_noise_minus_first"], row["high_noise_minus_first_stderr"] = difference
+    print(f"| run | variance | bits/dim | decoder | KL terms | minus {rows[0]['run']} (paired) | held-out loss | "
+          f"loss at t >= {options.high_noise_from} | minus the first (paired) |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        bound = row["bound"]
-        minus_first = (
-            "not paired"
-            if row["bpd_minus_first"] is None
-            else (f"{row['bpd_minus_first']:+.4f} ± {row['bpd_minus_first_stderr']:.4f}")
-        )
+        bound, high_noise = row["bound"], row["high_noise"]
         print(f"| {row['run']} | {row['variance_type']} | {bound['bpd']:.4f} ± {bound['bpd_stderr']:.4f} | "
               f"{bound['decoder_bpd']:.4f} | {bound['kl_bpd']:.4f} ± {bound['kl_bpd_stderr']:.4f} | "
-              f"{minus_first} | "
-              f"{row['loss']:.5f} ± {row['loss_stderr']:.5f} |")  # fmt: skip
+              f"{plus_minus(row['bpd_minus_first'], row['bpd_minus_first_stderr'], 4)} | "
+              f"{row['loss']:.5f} ± {row['loss_stderr']:.5f} | "
+              f"{high_noise['loss']:.5f} ± {high_noise['loss_stderr']:.5f} | "
+              f"{plus_minus(row['high_noise_minus_first'], row['high_noise_minus_first_stderr'], 5)} |")  # fmt: skip
     for row in rows:
         row["bound"] = {key: value for key, value in row["bound"].items() if key != "bpd_per_image"}
+        row["high_noise"] = {key: value for key, value in row["high_noise"].items() if key != "loss_per_image"}
     (options.out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def plus_minus(value: float | None, stderr: float | None, digits: int) -> str:
+    """A paired difference as `+0.1234 ± 0.0012`, or `not paired`."""
+    return "not paired" if value is None else f"{value:+.{digits}f} ± {stderr:.{digits}f}"
+
+
+def labelled_sheet(names: list[str], grids: list[Image.Image], columns: int = 4) -> Image.Image:
+    """The grids side by side, `columns` to a row, each under its run's name."""
+    label, gap = 18, 8
+    width, height = grids[0].size
+    rows = -(-len(grids) // columns)
+    sheet = Image.new("RGB", (columns * (width + gap) + gap, rows * (height + label + gap) + gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, (name, picture) in enumerate(zip(names, grids)):
+        x = gap + (index % columns) * (width + gap)
+        y = gap + (index // columns) * (height + label + gap)
+        draw.text((x, y + 2), name, fill="black", font=ImageFont.load_default(size=14))
+        sheet.paste(picture, (x, y + label))
+    return sheet
 
 
 if __name__ == "__main__":

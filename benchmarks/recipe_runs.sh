@@ -26,11 +26,26 @@
 #   res64     32x32 against 64x64 at equal CPU time: the chosen recipe with the axes' two winners (batch 16,
 #             learned variances) at 32x32, and the same widths at 64x64 (attention at 16x16 only), on the axes' data
 #             files; compare_runs.py pairs bounds only between runs of one resolution (bits/dim is per dimension)
-# Every run holds out the same 128 images of the faithful `train` split (seed 0). Logs go to OUT/*.log.
+#   pets20    the screen judged by samples (FULL=the oxford-pets-64-full copy): 20-minute runs (SCREEN20_TIME)
+#             with the learning rate decaying linearly to zero over exactly those minutes, each one change from
+#             a base (small-32px, batch 32, squaredcos_cap_v2, peak lr 1e-3, AdamW beta2 0.999, fixed variances,
+#             the full copy's 7,287 clean images): widths 32/64/128 and 48/96/192, no attention at 16x16, batch
+#             16, constant lr, peak lr 5e-4, beta2 0.99, min-SNR gamma 5, learned variances, the 1,686-image
+#             `train` split, and the base again with seed 1 (how far a seed moves a run). Two runs at a time,
+#             each on one core with one thread, so that every run trains beside one other; the axes' 64
+#             held-out images, as a file. Then compare_runs.py: each run's 64 DPM-Solver++ samples (seed 0)
+#             side by side (OUT/pets20-compare/sheet.png), the held-out loss at t >= 500 paired against the
+#             base, the bound (25 terms); recipe_table.py with what was seen in the samples
+#             (benchmarks/pets20-judged.json)
+#   pets20-winners  the screen's winners together (WINNERS: their flags), seeds 0 and 1 side by side, against
+#             the base and its seed-1 run
+# Earlier stages hold out the same 128 images of the faithful `train` split (seed 0). Logs go to OUT/*.log.
+# PETS20_RUNS (names), PETS20_FLAGS (flags for every run, last), PETS20_HELD_OUT (64) and COMPARE_FLAGS shrink
+# the pets20 stage to a toy for tests/test_recipe_screen.py.
 set -euo pipefail
 DATA=$(realpath "$1") OUT=$2
 shift 2
-STAGES=("${@:-speed quickstart bf16 variance posthoc cpu32 axes res64}")
+STAGES=("${@:-speed quickstart bf16 variance posthoc cpu32 axes res64 pets20}")
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 SMALL=$ROOT/benchmarks/configs/small-64px.json
@@ -58,13 +73,74 @@ screen() {  # screen NAME [flags]: an 8-minute run (SCREEN_TIME) of the chosen 3
         --validation_steps 100 --checkpointing_steps 100000 --save_images_steps 100000 "$@"
 }
 
-compare_screen() {  # compare_screen STAGE RUN...: 50-term bounds paired against the first run, grids, the table
-    local stage=$1
+compare_screen() {  # compare_screen STAGE RUN...: bounds paired against the first run, grids, the table
+    local stage=$1 judged=$ROOT/benchmarks/$1-judged.json
     shift
-    "$PYTHON" "$ROOT/benchmarks/compare_runs.py" "$@" --out "$OUT/$stage-compare" --nll-timesteps 50 --grids 100 \
+    local compare=(--nll-timesteps 50 --grids 100)
+    [[ -n ${COMPARE_FLAGS:-} ]] && read -ra compare <<<"$COMPARE_FLAGS"
+    "$PYTHON" "$ROOT/benchmarks/compare_runs.py" "$@" --out "$OUT/$stage-compare" "${compare[@]}" \
         >"$OUT/$stage-compare.log" 2>&1
-    "$PYTHON" "$ROOT/benchmarks/recipe_table.py" --compare "$OUT/$stage-compare/compare.json" "$@" |
-        tee "$OUT/$stage.md"
+    [[ -f $judged ]] || judged=
+    "$PYTHON" "$ROOT/benchmarks/recipe_table.py" --compare "$OUT/$stage-compare/compare.json" \
+        ${judged:+--judged "$judged"} "$@" | tee "$OUT/$stage.md"
+}
+
+screen20() {  # screen20 CORE NAME [flags]: a 20-minute pets20 run on one core with one thread; flags win
+    local core=$1 name=$2 data=$OUT/pets20-data
+    shift 2
+    taskset -cp "$core" $BASHPID >/dev/null  # this subshell and the run it starts
+    # shellcheck disable=SC2086  # PETS20_FLAGS: words
+    THREADS=1 train "$name" --dataset_name "$data/full.parquet" --validation_dataset "$data/heldout.parquet" \
+        --model_config_name_or_path "$ROOT/benchmarks/configs/small-32px.json" --resolution 32 \
+        --train_batch_size 32 --ddpm_beta_schedule squaredcos_cap_v2 --learning_rate 1e-3 --lr_scheduler linear \
+        --lr_schedule_time "${SCREEN20_TIME:-20m}" --lr_warmup_steps 50 --mixed_precision auto \
+        --validation_steps 250 --validation_bpd_timesteps 10 --checkpointing_steps 100000 \
+        --save_images_steps 100000 --ddpm_num_inference_steps 25 "$@" ${PETS20_FLAGS:-}
+}
+
+screen20_pairs() {  # screen20_pairs "NAME FLAGS"...: pets20 runs two at a time, on cores 0 and 1
+    local name flags first second
+    while (($#)); do
+        read -r name flags <<<"$1"
+        # shellcheck disable=SC2086  # the run's flags, split into words
+        (screen20 0 "pets20-$name" $flags) &
+        first=$! second=
+        if (($# > 1)); then
+            read -r name flags <<<"$2"
+            # shellcheck disable=SC2086
+            (screen20 1 "pets20-$name" $flags) &
+            second=$!
+        fi
+        wait "$first"
+        [[ -z $second ]] || wait "$second"
+        shift $(($# > 1 ? 2 : 1))
+    done
+}
+
+pets20_data() {  # OUT/pets20-data: the axes' 64 held-out images; the train split less them; the full copy less them
+    "$PYTHON" - "$DATA" "${FULL:?FULL: the oxford-pets-64-full copy}" "$OUT/pets20-data" \
+        "$ROOT/benchmarks/configs/small-32px.json" "${PETS20_HELD_OUT:-64}" <<'EOF'
+"""The faithful train split's 64 held-out images (seed 0, as the axes stage's), that split less them, the full
+copy's train + stretched_unsquashed less them (by file name: the same photos are in its train split), three configs."""
+import json, sys
+from pathlib import Path
+from datasets import concatenate_datasets, load_dataset
+from pets_diffusion.data import hold_out
+source, full, out, config, count = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+config = json.loads(Path(config).read_text())
+out.mkdir(parents=True, exist_ok=True)
+train = load_dataset(source, split="train")
+_, _, held = hold_out(range(len(train)), count, seed=0)
+names = set(train.select(held)["file_name"])
+train.select(held).to_parquet(out / "heldout.parquet")
+train.filter(lambda name: name not in names, input_columns="file_name").to_parquet(out / "train1750.parquet")
+clean = concatenate_datasets([load_dataset(full, split="train"), load_dataset(full, split="stretched_unsquashed")])
+clean.filter(lambda name: name not in names, input_columns="file_name").to_parquet(out / "full.parquet")
+narrow = {"attention_head_dim": 32, "norm_num_groups": 16}  # 48 channels take no 32 groups, 96 no 64-wide heads
+(out / "widths32.json").write_text(json.dumps({**config, **narrow, "block_out_channels": [32, 64, 128]}))
+(out / "widths48.json").write_text(json.dumps({**config, **narrow, "block_out_channels": [48, 96, 192]}))
+(out / "noattn16.json").write_text(json.dumps({**config, "attention_resolutions": [8]}))
+EOF
 }
 
 screen_data() {  # OUT/axes-data: the train split less 64 held-out images, the 64, the stretched split added
@@ -190,6 +266,31 @@ EOF
             runs+=("$OUT/res$resolution")
         done
         compare_screen res64 "${runs[@]}"
+        ;;
+    pets20)
+        data=$OUT/pets20-data
+        pets20_data
+        axes=(base "widths32 --model_config_name_or_path $data/widths32.json"
+            "widths48 --model_config_name_or_path $data/widths48.json"
+            "noattn16 --model_config_name_or_path $data/noattn16.json" "batch16 --train_batch_size 16"
+            "constant --lr_scheduler constant_with_warmup" "lr5e-4 --learning_rate 5e-4" "beta2-0.99 --adam_beta2 0.99"
+            "minsnr5 --snr_gamma 5" "learned --variance_type learned_range"
+            "train1750 --dataset_name $data/train1750.parquet" "seed1 --seed 1")
+        chosen=() runs=()
+        for axis in "${axes[@]}"; do
+            read -r name _ <<<"$axis"
+            if [[ -z ${PETS20_RUNS:-} || " $PETS20_RUNS " == *" $name "* ]]; then
+                chosen+=("$axis")
+                runs+=("$OUT/pets20-$name")
+            fi
+        done
+        screen20_pairs "${chosen[@]}"
+        COMPARE_FLAGS=${COMPARE_FLAGS:---nll-timesteps 25 --grids= --sheet} compare_screen pets20 "${runs[@]}"
+        ;;
+    pets20-winners)
+        screen20_pairs "winners ${WINNERS:?WINNERS: the flags of the winning axes}" "winners-seed1 $WINNERS --seed 1"
+        COMPARE_FLAGS=${COMPARE_FLAGS:---nll-timesteps 25 --grids= --sheet} compare_screen pets20-winners \
+            "$OUT/pets20-base" "$OUT/pets20-seed1" "$OUT/pets20-winners" "$OUT/pets20-winners-seed1"
         ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac

@@ -17,13 +17,13 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from .allocator import retain_freed_memory
-from .checkpoints import any_process
 from .data import EpochSampler, TrainingImages, load_image_dataset
 from .hardware import bf16_cpu_instructions, native_bf16
 from .interruption import ignore_stop_signals
 from .options import UsageError, first_line
 from .posthoc_ema import PowerFunctionEMA
 from .runlock import OutputDirBusy, RunLock
+from .schedules import TimedLR
 from .unet import PetsUNet2DModel
 
 logger = get_logger(__name__)
@@ -215,7 +215,8 @@ def make_dataloader(args, dataset: TrainingImages, seed: int, device: torch.devi
 
 
 def make_optimizer(args, model: torch.nn.Module, accelerator: Accelerator, max_train_steps: int):
-    """Fused AdamW and the learning-rate schedule (diffusers' `get_scheduler`)."""
+    """Fused AdamW and the learning-rate schedule: diffusers' `get_scheduler` over the steps, or its shape over
+    --lr_schedule_time's seconds (`schedules.TimedLR`)."""
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=args.learning_rate,
@@ -225,6 +226,9 @@ def make_optimizer(args, model: torch.nn.Module, accelerator: Accelerator, max_t
         fused=accelerator.device.type in ("cpu", "cuda"),  # one kernel for all parameters
     )
     # The prepared scheduler steps once per process per optimiser step, hence the factor.
+    if args.lr_schedule_time is not None:
+        warmup_steps = args.lr_warmup_steps * accelerator.num_processes
+        return optimizer, TimedLR(optimizer, args.lr_scheduler, warmup_steps, args.lr_schedule_time)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -234,12 +238,9 @@ def make_optimizer(args, model: torch.nn.Module, accelerator: Accelerator, max_t
     return optimizer, lr_scheduler
 
 
-def time_is_up(accelerator: Accelerator, started: float, budget_s: float, step: int) -> bool:
-    """Whether --max_train_time is spent since `started`; any process's clock stops all, at the same step."""
-    if not any_process(accelerator, time.perf_counter() - started >= budget_s):
-        return False
-    logger.info(
-        f"--max_train_time spent ({time.perf_counter() - started:.0f} s) at step {step}: "
-        "saving a checkpoint and the pipeline, then stopping"
-    )
-    return True
+def piece_seconds(accelerator: Accelerator, started: float) -> float:
+    """Seconds since `started`, the same on every process: the slowest clock's (one gather with several)."""
+    seconds = time.perf_counter() - started
+    if accelerator.num_processes == 1:
+        return seconds
+    return accelerator.gather(torch.tensor([seconds], device=accelerator.device)).max().item()

@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from .hardware import float64_device
 from .objective import DiffusionTerms, check_variance_channels, model_prediction, prediction_errors
 
+HIGH_NOISE_FROM = 500  # of 1,000 timesteps: the noisier half, where a sample's shapes form
+
 
 def model_dtype(unet: torch.nn.Module) -> torch.dtype:
     """The dtype the model computes in (its `dtype`, else its first parameter's; float32 for a bare function)."""
@@ -135,16 +137,23 @@ def heldout_loss(
     num_timesteps: int = 10,
     seed: int = 0,
     batch_size: int = 64,
+    first_timestep: int = 0,
 ) -> dict:
     """The training objective (unweighted MSE against the prediction target) at fixed timesteps and noise.
 
-    The timesteps are the midpoints of `num_timesteps` equal strata of 0 .. T-1, and the noise is
-    drawn from `seed`: the same images give the same number for the same model, run after run.
+    The timesteps are the midpoints of `num_timesteps` equal strata of `first_timestep` .. T-1, and the
+    noise is drawn from `seed`: the same images give the same number for the same model, run after run.
+    With `first_timestep` = T/2 it is the loss where a sample's shapes form (`HIGH_NOISE_FROM`), which the
+    bound, decided by the low-noise terms, hardly sees. Each image's mean over the timesteps is kept, so two
+    models' losses on the same images pair (`paired_difference`).
     """
     check_images(unet, images)
     device, dtype = model_device(unet), model_dtype(unet)
     total_steps = scheduler.config.num_train_timesteps
-    timesteps = [int((index + 0.5) * total_steps / num_timesteps) for index in range(num_timesteps)]
+    if not 0 <= first_timestep < total_steps:
+        raise ValueError(f"first_timestep must be one of the schedule's, 0 .. {total_steps - 1}; got {first_timestep}.")
+    span = total_steps - first_timestep
+    timesteps = [first_timestep + int((index + 0.5) * span / num_timesteps) for index in range(num_timesteps)]
     generator = torch.Generator().manual_seed(seed)
     per_timestep = []
     for timestep in timesteps:
@@ -160,18 +169,21 @@ def heldout_loss(
         "loss": per_image.mean().item(),
         "loss_stderr": _stderr(per_image),
         "loss_per_timestep": {str(t): errors.mean().item() for t, errors in zip(timesteps, per_timestep)},
+        "loss_per_image": per_image.tolist(),
+        "first_timestep": first_timestep,
         "num_images": len(images),
         "seed": seed,
     }
 
 
-def paired_difference(first: dict, second: dict) -> tuple[float, float]:
-    """first's bits/dim minus second's, and its standard error, for two bounds of the same images.
+def paired_difference(first: dict, second: dict, key: str = "bpd_per_image") -> tuple[float, float]:
+    """first's bits/dim (or loss, with key `loss_per_image`) minus second's, and its standard error, for two
+    measurements of the same images.
 
     Measured with the same images, seed and timesteps, two models' bounds share most of their noise
     (which images, which t, which x_t); the per-image differences cancel it.
     """
-    a, b = torch.tensor(first["bpd_per_image"]), torch.tensor(second["bpd_per_image"])
+    a, b = torch.tensor(first[key]), torch.tensor(second[key])
     if a.shape != b.shape:
         raise ValueError(f"the bounds are of {len(a)} and {len(b)} images; a paired difference needs the same ones.")
     return (a - b).mean().item(), _stderr(a - b)

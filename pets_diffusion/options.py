@@ -196,6 +196,13 @@ def build_parser(prog: str = "train_unconditional.py") -> argparse.ArgumentParse
             "constant_with_warmup",
         ],
     )
+    add(
+        "--lr_schedule_time",
+        type=duration,
+        default=None,
+        help="Spread --lr_scheduler over this much training time, all resumed pieces together (90s, 20m, 2h30m), "
+        "instead of over the steps; the run stops when it is spent. The checkpoints record it: a resume keeps it.",
+    )
     add("--lr_warmup_steps", type=int_range(0), default=500)
     add("--adam_beta1", type=float_range(0.0, 1.0, open_high=True), default=0.95)
     add("--adam_beta2", type=float_range(0.0, 1.0, open_high=True), default=0.999)

@@ -32,6 +32,7 @@ from .options import UsageError, build_model_config, parse_args, validate_args
 from .posthoc_ema import remove_snapshots_after
 from .reports import device_name, ema_weights, hparams, push_run, write_sample_grid, write_summary
 from .runlock import OutputDirBusy
+from .schedules import TimedLR
 from .storage import DamagedFolder, DiskFull, read_manifest
 from .unet import PetsUNet2DModel
 from .validation import check_held_out_count, split_validation, write_held_out
@@ -100,6 +101,7 @@ class TrainLoop:
             intact_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
         )
         self.saved_setup = (read_manifest(self.checkpoint) or {}).get("run") if self.checkpoint else None
+        keep_lr_plan(args, self.saved_setup)
         recorded_seed = (self.saved_setup or {}).get("seed")
         self.seed = components.run_seed(self.accelerator, args.seed, recorded_seed)
         set_seed(self.seed)  # every process builds the same initial weights
@@ -174,6 +176,7 @@ class TrainLoop:
         """AdamW and the learning-rate schedule; Accelerate wraps them with the model (and compiles it)."""
         args, accelerator = self.args, self.accelerator
         optimizer, lr_scheduler = components.make_optimizer(args, self.model, accelerator, self.max_train_steps)
+        self.timed_lr = lr_scheduler if isinstance(lr_scheduler, TimedLR) else None  # its clock is set each step
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.model, optimizer, lr_scheduler)
         if is_compiled_module(self.model):
             logger.info("The UNet runs compiled (torch.compile, inductor); the first steps include compiling it")
@@ -306,8 +309,7 @@ class TrainLoop:
             if self.accelerator.is_main_process:  # the trained (non-EMA) weights, as the training loss
                 self.validation.log_loss(self.unwrapped, self.noise_scheduler, self.accelerator, step)
             self.wait_for_main_process()
-        if args.max_train_time is not None:
-            self.out_of_time = components.time_is_up(self.accelerator, self.started, args.max_train_time, step)
+        self.out_of_time = self.time_is_up()
         self.interrupted = any_process(self.accelerator, self.stop_requests.requested is not None)
         run_ends = self.finished and not self.interrupted  # a stop on a signal saves its state in the checkpoint
         if self.post_hoc is not None and (step % args.post_hoc_ema_every == 0 or run_ends):
@@ -318,6 +320,25 @@ class TrainLoop:
             return
         if args.save_images_steps and (step % args.save_images_steps == 0 or self.out_of_time):
             self.save_samples()
+
+    def time_is_up(self) -> bool:
+        """Whether --max_train_time (this piece) or --lr_schedule_time (the whole run) is spent; every process's
+        clock reads the slowest one's, so all stop at the same step and set the same learning rate."""
+        args = self.args
+        if args.max_train_time is None and self.timed_lr is None:
+            return False
+        seconds = components.piece_seconds(self.accelerator, self.started)
+        spent = []
+        if self.timed_lr is not None:
+            self.timed_lr.set_piece_seconds(seconds)
+            if self.timed_lr.spent:
+                spent.append(f"--lr_schedule_time spent ({self.timed_lr.elapsed_s:.0f} s over all pieces)")
+        if args.max_train_time is not None and seconds >= args.max_train_time:
+            spent.append(f"--max_train_time spent ({seconds:.0f} s)")
+        if spent:
+            logger.info(f"{' and '.join(spent)} at step {self.global_step}: saving a checkpoint and the pipeline, "
+                        "then stopping")  # fmt: skip
+        return bool(spent)
 
     def at_epoch_end(self, epoch: int) -> None:
         """Sample (unless sampling by steps) and save the pipeline when their epoch counts come round, or at the end."""
@@ -359,7 +380,7 @@ class TrainLoop:
         """The run's setup, which a checkpoint can only be resumed with: model, batch, processes, seed, diffusion."""
         args = self.args
         names = ("resolution", "train_batch_size", "gradient_accumulation_steps", "prediction_type", "variance_type",
-                 "ddpm_num_steps", "ddpm_beta_schedule", "use_ema", "post_hoc_ema")  # fmt: skip
+                 "ddpm_num_steps", "ddpm_beta_schedule", "use_ema", "post_hoc_ema", "lr_schedule_time")  # fmt: skip
         shape = {name: getattr(args, name) for name in names}
         return {"unet": build_model_config(args), "num_processes": self.accelerator.num_processes, "seed": self.seed,
                 **shape}  # fmt: skip
@@ -461,4 +482,13 @@ class TrainLoop:
             "stopped_by_time_budget": self.out_of_time,
             **({"validation": dict(self.validation.results)} if self.validation is not None else {}),
             **({"post_hoc_ema": self.post_hoc_choice} if self.post_hoc_choice is not None else {}),
+            **({"lr_schedule": self.timed_lr.record()} if self.timed_lr is not None else {}),
         }
+
+
+def keep_lr_plan(args, saved_setup: dict | None) -> None:
+    """A resume without --lr_schedule_time keeps the checkpoint's plan (another plan is refused at `resume`)."""
+    planned = (saved_setup or {}).get("lr_schedule_time")
+    if planned is not None and args.lr_schedule_time is None:
+        args.lr_schedule_time = planned
+        logger.info(f"Resuming the checkpoint's learning-rate plan: --lr_scheduler over {planned:g} s")
