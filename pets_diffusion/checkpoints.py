@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -140,14 +141,18 @@ def save_checkpoint(
     protected: Path | None = None,
     shape: dict | None = None,
     expected_bytes: int = 0,
+    wait_for_main_process: Callable[[], None] | None = None,
 ) -> Path:
     """Save the full training state to `checkpoint-<step>`: written aside, a manifest last, then renamed into place.
 
     A crash while saving leaves a `.checkpoint-<step>.partial` folder that `latest` never picks. A full
     disk removes it, keeps every earlier checkpoint, and raises DiskFull on every process. `shape` (the
     run's configuration) goes into the manifest, for resuming with the same one; `expected_bytes` is what
-    a first checkpoint will take (later ones are compared with the last one's size).
+    a first checkpoint will take (later ones are compared with the last one's size). The other processes
+    wait for the main process's work alone (hashing every file, renaming, pruning) with
+    `wait_for_main_process`, whose timeout is not the training collectives' (`components.MainProcessWait`).
     """
+    wait_for_main_process = wait_for_main_process or accelerator.wait_for_everyone
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
     partial = Path(output_dir) / f".{final.name}.partial"
     previous = complete_checkpoints(output_dir)
@@ -173,6 +178,7 @@ def save_checkpoint(
             if not is_disk_full(error, Path(output_dir)):
                 raise
             failure = error
+    wait_for_main_process()
     if any_process(accelerator, failure is not None):
         _out_of_space(accelerator, partial, final.name, needed, previous)
     if accelerator.is_main_process:
@@ -182,7 +188,7 @@ def save_checkpoint(
         if total_limit is not None:
             prune_checkpoints(output_dir, total_limit, protected)
         logger.info(f"Saved {final}")
-    accelerator.wait_for_everyone()
+    wait_for_main_process()
     return final
 
 

@@ -204,7 +204,7 @@ def run_push(args) -> None:
     if args.space is not None:
         from .hub import push_space
 
-        url = push_space(args.space, args.repo_id, args.private, args.token)
+        url = push_space(args.space, args.repo_id, args.private, args.token, args.output_dir)
         print(f"pushed the Space {args.space}, serving {args.repo_id}: {url}")
 
 

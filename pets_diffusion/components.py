@@ -17,10 +17,11 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from .allocator import retain_freed_memory
-from .data import EpochSampler, TrainingImages, load_image_dataset
+from .checkpoints import any_process
+from .data import EpochSampler, TrainingImages, is_local_dataset, load_image_dataset
 from .hardware import bf16_cpu_instructions, native_bf16
 from .interruption import ignore_stop_signals
-from .options import UsageError, first_line
+from .options import EXAMPLE_DATA, UsageError, first_line
 from .posthoc_ema import PowerFunctionEMA
 from .runlock import OutputDirBusy, RunLock
 from .schedules import TimedLR
@@ -95,16 +96,41 @@ class MainProcessWait:
 
     That work can outlast the process group's timeout (NCCL's default is 10 minutes), which would end the
     run at a save. So they wait at a barrier of a gloo group of their own, whose timeout is a day; the
-    training's collectives keep --ddp_timeout.
+    training's collectives keep --ddp_timeout. A gloo group that cannot connect (a host name resolving to
+    127.0.1.1 on a multi-node run, say) would hang for that day: a probe group with --ddp_timeout's timeout
+    connects first, and where it fails, or where several processes run without torch.distributed (XLA),
+    they wait with `accelerator.wait_for_everyone()` instead, under the run's own timeout.
     """
 
-    def __init__(self, accelerator: Accelerator):
-        distributed = accelerator.num_processes > 1 and dist.is_initialized()
-        self.group = dist.new_group(backend="gloo", timeout=MAIN_PROCESS_WAIT) if distributed else None
+    def __init__(self, accelerator: Accelerator, ddp_timeout: float):
+        self.accelerator, self.group = accelerator, None
+        if accelerator.num_processes > 1 and dist.is_initialized():
+            self.group = day_long_gloo_group(accelerator, timedelta(seconds=ddp_timeout))
 
     def __call__(self) -> None:
         if self.group is not None:
             dist.barrier(group=self.group)
+        elif self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()
+
+
+def day_long_gloo_group(accelerator: Accelerator, probe_timeout: timedelta):
+    """A gloo group of every process whose collectives may wait MAIN_PROCESS_WAIT, or None (with a warning) when
+    a probe group with `probe_timeout` could not connect and pass a barrier on some process; the processes agree
+    over the run's own group, so that none waits in a group the others never made."""
+    failure = None
+    try:
+        probe = dist.new_group(backend="gloo", timeout=probe_timeout)
+        dist.barrier(group=probe)
+        dist.destroy_process_group(probe)
+    except (RuntimeError, dist.DistError) as error:
+        failure = f"{type(error).__name__}: {first_line(error)}"
+    if any_process(accelerator, failure is not None):
+        cause = failure or "it failed on another process"
+        logger.warning(f"No gloo group for long waits ({cause}): the other processes wait for the main process's "
+                       "saves within --ddp_timeout", main_process_only=False)  # fmt: skip
+        return None
+    return dist.new_group(backend="gloo", timeout=MAIN_PROCESS_WAIT)
 
 
 def run_seed(accelerator: Accelerator, requested: int | None, recorded: int | None) -> int:
@@ -141,10 +167,10 @@ def load_training_images(args):
         )
     except (FileNotFoundError, ConnectionError, DatasetNotFoundError) as error:
         source = args.train_data_dir or args.dataset_name
-        raise UsageError(
-            f"cannot load the dataset {source} ({type(error).__name__}: {first_line(error)}); "
-            "check the name or path, or go online once to download it."
-        ) from None
+        local = args.train_data_dir is not None or is_local_dataset(source)
+        advice = f"give {EXAMPLE_DATA}" if local else "check the name or path, or go online once to download it"
+        problem = f"{type(error).__name__}: {first_line(error)}"
+        raise UsageError(f"cannot load the dataset {source} ({problem}); {advice}.") from None
     except ValueError as error:
         raise UsageError(str(error)) from None
     return dataset

@@ -17,6 +17,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_DATASET = "pcuenq/oxford-pets"
 
 
+def is_local_dataset(name: str) -> bool:
+    """Whether --dataset_name names a local folder or Parquet file rather than a Hub dataset: a path that exists,
+    or one written as a path (./x, /x, ~/x, x.parquet), which then must exist."""
+    return name.startswith((".", "/", "~")) or name.endswith(".parquet") or os.path.exists(name)
+
+
 def load_image_dataset(
     dataset_name: str | None = DEFAULT_DATASET,
     dataset_config_name: str | None = None,
@@ -33,10 +39,13 @@ def load_image_dataset(
     if train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
             raise FileNotFoundError(f"--train_data_dir {train_data_dir} is not a folder of images.")
+        _check_holds(train_data_dir, IMAGE_SUFFIXES, "images")
         dataset = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split=split)
     elif dataset_name is not None and dataset_name.endswith(".parquet"):
         dataset = load_dataset("parquet", data_files={split: dataset_name}, cache_dir=cache_dir, split=split)
     else:
+        if os.path.isdir(dataset_name):
+            _check_holds(dataset_name, IMAGE_SUFFIXES + DATA_SUFFIXES, "images or data files")
         dataset = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
     if image_column not in dataset.column_names:
         raise ValueError(
@@ -44,6 +53,16 @@ def load_image_dataset(
             "name the image column with --image_column."
         )
     return dataset.select_columns([image_column]).cast_column(image_column, Image(decode=False))
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DATA_SUFFIXES = (".parquet", ".arrow", ".csv", ".json", ".jsonl")
+
+
+def _check_holds(folder: str, suffixes: tuple[str, ...], what: str) -> None:
+    """A FileNotFoundError naming `folder` unless some file in it (at any depth) ends with one of `suffixes`."""
+    if not any(path.suffix.lower() in suffixes for path in Path(folder).rglob("*") if path.is_file()):
+        raise FileNotFoundError(f"the folder {folder} holds no {what}")
 
 
 def decode_rgb(image: dict) -> PILImage.Image:

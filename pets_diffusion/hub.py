@@ -1,21 +1,25 @@
 """Share a trained pipeline: export it for the Hub (remote-code UNet, model card), then push it."""
 
 import json
+import logging
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from huggingface_hub import DatasetCard, HfApi, ModelCard, ModelCardData, SpaceCard, SpaceCardData
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from . import unet as unet_module
-from .data import DEFAULT_DATASET
+from .data import DEFAULT_DATASET, is_local_dataset
 from .objective import DEFAULT_VLB_WEIGHT, LEARNED_VARIANCE
 from .options import first_line
 from .records import read_json
+
+logger = logging.getLogger(__name__)
 
 REMOTE_MODULE = "pets_unet"  # unet/pets_unet.py on the Hub; model_index.json names ["pets_unet", "PetsUNet2DModel"]
 PIPELINE_FILES = (
@@ -78,8 +82,9 @@ def push_to_hub(
         return _commit_folder(HfApi(token=token), repo_id, staging, "model", private, revision, message)
 
 
-def export_space(model_repo_id: str, export_dir: str | Path) -> Path:
+def export_space(model_repo_id: str, export_dir: str | Path, data: "TrainingData | None" = None) -> Path:
     """Write a Gradio Space that serves `model_repo_id`: app.py, the demo's modules, requirements.txt, README.
+    Its card gives the licence and subject of `data`, what the model was trained on (none when unknown).
 
     The Space needs no pets-diffusion release: it carries the demo's own modules (copied from this
     installed version into `pets_diffusion_demo/`, as the UNet's module travels with a model), so its
@@ -108,20 +113,26 @@ def export_space(model_repo_id: str, export_dir: str | Path) -> Path:
         sdk_version=gradio.__version__,
         app_file="app.py",
         models=[model_repo_id],
-        license="cc-by-sa-4.0",
+        license=data.license if data is not None else None,
         emoji="🐾",
-        short_description="Cats and dogs from an unconditional DDPM",
+        short_description="Cats and dogs from an unconditional DDPM"
+        if data is not None and data.oxford_pets
+        else "Images from an unconditional DDPM",
     )
     card = SpaceCard(f"---\n{card_data.to_yaml()}\n---\n\n{SPACE_README}")
     card.save(export_dir / "README.md")
     return export_dir
 
 
-def push_space(space_id: str, model_repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Create or update the Gradio Space `space_id` serving `model_repo_id`; return the commit URL."""
+def push_space(
+    space_id: str, model_repo_id: str, private: bool = False, token: str | None = None, output_dir: Path | None = None
+) -> str:
+    """Create or update the Gradio Space `space_id` serving `model_repo_id` (trained in `output_dir`, whose records
+    say what data it learnt from); return the commit URL."""
     check_repo_id(space_id)
+    data = training_data(read_json(Path(output_dir) / "training_args.json")) if output_dir is not None else None
     with tempfile.TemporaryDirectory(prefix="pets-diffusion-space-") as staging:
-        export_space(model_repo_id, staging)
+        export_space(model_repo_id, staging, data)
         message = f"Serve {model_repo_id} with pets-diffusion's demo"
         return _commit_folder(HfApi(token=token), space_id, staging, "space", private, None, message)
 
@@ -281,22 +292,42 @@ OXFORD_PETS_HUB_IDS = {DEFAULT_DATASET, "timm/oxford-iiit-pet"}  # Hub copies of
 
 def training_data(args: dict) -> TrainingData:
     """The data a run's training_args.json names: an image folder, a local dataset or Parquet file (with the
-    licence and name its dataset card gives), or a Hub dataset (Oxford-IIIT Pet if it is a known copy)."""
+    licence and name its dataset card gives, read where the run found it), or a Hub dataset (Oxford-IIIT Pet if it
+    is a known copy). A folder without the record, or a local dataset no longer where it was, claims nothing."""
     if args.get("train_data_dir"):
         return TrainingData(f"the image folder `{Path(args['train_data_dir']).name}`", None, None, False)
-    dataset = args.get("dataset_name") or DEFAULT_DATASET
-    path = Path(dataset).expanduser()
-    if path.exists():
-        readme = (path if path.is_dir() else path.parent) / "README.md"
-        card = DatasetCard.load(readme).data.to_dict() if readme.is_file() else {}
-        kind = "the local dataset" if path.is_dir() else "the Parquet file"
-        title = card.get("pretty_name")
-        name = f"{title}, from {kind} `{path.name}`" if title else f"{kind} `{path.name}`"
-        return TrainingData(name, card.get("license"), None, OXFORD_PETS in (title or ""))
+    dataset = args.get("dataset_name")
+    if not dataset:
+        return TrainingData("data that this folder does not record (it has no training_args.json)", None, None, False)
+    local = args.get("dataset_path") or (dataset if is_local_dataset(dataset) else None)
+    if local is not None:
+        return local_training_data(Path(local).expanduser(), Path(dataset).name)
     oxford_pets = dataset in OXFORD_PETS_HUB_IDS
     link = f"[{dataset}](https://huggingface.co/datasets/{dataset})"
     name = f"{OXFORD_PETS} (Parkhi et al., 2012), from {link}" if oxford_pets else link
     return TrainingData(name, OXFORD_PETS_LICENSE if oxford_pets else None, dataset, oxford_pets)
+
+
+def local_training_data(path: Path, name: str) -> TrainingData:
+    """A local dataset folder or Parquet file: its card's title and licence (README.md front matter), if readable."""
+    kind = "the local dataset" if path.is_dir() or not path.name.endswith(".parquet") else "the Parquet file"
+    if not path.exists():
+        return TrainingData(f"{kind} `{name}` (no longer at {path}: its licence is not known here)", None, None, False)
+    readme = (path if path.is_dir() else path.parent) / "README.md"
+    card = dataset_card_data(readme) if readme.is_file() else {}
+    title = card.get("pretty_name")
+    described = f"{title}, from {kind} `{name}`" if title else f"{kind} `{name}`"
+    return TrainingData(described, card.get("license"), None, OXFORD_PETS in (title or ""))
+
+
+def dataset_card_data(readme: Path) -> dict:
+    """A dataset card's front matter; {} when it cannot be read (malformed YAML): a card must not end a push."""
+    try:
+        return DatasetCard.load(readme).data.to_dict()
+    except (ValueError, OSError, yaml.YAMLError) as error:
+        logger.warning(f"{readme} has a front matter that cannot be read ({first_line(error)}); the card names no "
+                       "licence for the data")  # fmt: skip
+        return {}
 
 
 def _dataset_description(data: TrainingData, summary: dict) -> str:

@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from .hardware import float64_device
-from .objective import DiffusionTerms, check_variance_channels, model_prediction, prediction_errors
+from .objective import DiffusionTerms, check_variance_channels, model_prediction, objective_errors
 
 HIGH_NOISE_FROM = 500  # of 1,000 timesteps: the noisier half, where a sample's shapes form
 
@@ -139,7 +139,8 @@ def heldout_loss(
     batch_size: int = 64,
     first_timestep: int = 0,
 ) -> dict:
-    """The training objective (unweighted MSE against the prediction target) at fixed timesteps and noise.
+    """The training objective (L_simple: the MSE against the prediction target, SNR-weighted for x_0 as training
+    weighs it, min-SNR aside) at fixed timesteps and noise.
 
     The timesteps are the midpoints of `num_timesteps` equal strata of `first_timestep` .. T-1, and the
     noise is drawn from `seed`: the same images give the same number for the same model, run after run.
@@ -162,7 +163,7 @@ def heldout_loss(
             x0 = images[start : start + batch_size]
             noise = torch.randn(x0.shape, generator=generator)
             t = torch.full((len(x0),), timestep, device=device)
-            errors.append(prediction_errors(unet, scheduler, x0.to(device, dtype), noise.to(device, dtype), t).cpu())
+            errors.append(objective_errors(unet, scheduler, x0.to(device, dtype), noise.to(device, dtype), t).cpu())
         per_timestep.append(torch.cat(errors).double())
     per_image = torch.stack(per_timestep).mean(dim=0)
     return {

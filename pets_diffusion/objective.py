@@ -87,6 +87,15 @@ def prediction_errors(model, noise_scheduler, clean_images, noise, timesteps) ->
     return F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
 
 
+def objective_errors(model, noise_scheduler, clean_images, noise, timesteps) -> torch.Tensor:
+    """Per-image L_simple as `diffusion_loss` trains it (min-SNR aside): the MSE against the prediction target,
+    weighted by SNR(t) for x_0 (which makes it ε's MSE)."""
+    errors = prediction_errors(model, noise_scheduler, clean_images, noise, timesteps)
+    if noise_scheduler.config.prediction_type != "sample":
+        return errors
+    return errors * compute_snr(noise_scheduler, timesteps).to(errors.device, errors.dtype)
+
+
 def diffusion_loss(
     model: torch.nn.Module,
     noise_scheduler: DDPMScheduler,

@@ -13,9 +13,12 @@ from pathlib import Path
 import torch
 
 from .checkpoints import checkpoint_step, resolve_checkpoint
-from .data import DEFAULT_DATASET, first_line
+from .data import DEFAULT_DATASET, first_line, is_local_dataset
 from .objective import DEFAULT_VLB_WEIGHT, LEARNED_VARIANCE
 from .unet import PetsUNet2DModel
+
+EXAMPLE_DATA = "a folder of images, a dataset folder, a .parquet file or a Hub dataset name"
+QUICK_START_DATA = "examples/pets-sample, in the repository"
 
 
 class UsageError(ValueError):
@@ -210,6 +213,24 @@ def build_parser(prog: str = "train_unconditional.py") -> argparse.ArgumentParse
     add("--adam_epsilon", type=float_range(0.0), default=1e-08)
     add("--max_grad_norm", type=positive_float, default=1.0, help="Gradient clipping norm.")
     add(
+        "--divergence_guard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Catch a diverged run (a non-finite loss, or --divergence_window steps whose mean loss is "
+        "--divergence_factor times the median before them), roll it back to the last checkpoint before, lower the "
+        "learning rate and go on (default on; --no-divergence_guard stops at a non-finite loss instead).",
+    )
+    add("--divergence_factor", type=float_range(1.0, open_low=True), default=3.0, help="See --divergence_guard.")
+    add("--divergence_window", type=positive_int, default=20, help="See --divergence_guard.")
+    add("--max_rollbacks", type=int_range(0), default=3, help="Rollbacks before a diverging run stops (exit 3).")
+    add(
+        "--rollback_lr_factor",
+        type=float_range(0.0, 1.0, open_low=True),
+        default=0.5,
+        help="Each rollback multiplies the learning rate by this.",
+    )
+    add("--lr_spike_at_step", type=positive_int, default=None, help=argparse.SUPPRESS)  # a fault, for the tests
+    add(
         "--use_ema",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -328,6 +349,9 @@ def _check_output_dir(output_dir: Path) -> None:
 
 
 def _check_data_source(args: argparse.Namespace) -> None:
+    for flag, value in (("--dataset_name", args.dataset_name), ("--train_data_dir", args.train_data_dir)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{flag} is empty; give {EXAMPLE_DATA} (the quick start's: {QUICK_START_DATA}).")
     if args.train_data_dir is not None and args.dataset_name is not None:
         raise UsageError(
             f"--dataset_name {args.dataset_name} and --train_data_dir {args.train_data_dir} name two datasets; "
@@ -341,9 +365,10 @@ def _check_data_source(args: argparse.Namespace) -> None:
 
 
 def _check_dataset_name(name: str, flag: str) -> None:
-    looks_local = name.startswith((".", "/", "~")) or name.endswith(".parquet") or os.path.exists(name)
-    if looks_local and not Path(name).expanduser().exists():
-        raise UsageError(f"{flag} {name} does not exist; give a dataset folder, a .parquet file or a Hub name.")
+    if not name.strip():
+        raise UsageError(f"{flag} is empty; give {EXAMPLE_DATA} (the quick start's: {QUICK_START_DATA}).")
+    if is_local_dataset(name) and not Path(name).expanduser().exists():
+        raise UsageError(f"{flag} {name} does not exist; give {EXAMPLE_DATA}.")
 
 
 def _check_resolution(args: argparse.Namespace) -> None:

@@ -167,8 +167,10 @@ def reconstruct(output_dir: str | Path, sigma_rel: float, step: int | None = Non
 
 @contextmanager
 def weights_restored(model: torch.nn.Module):
-    """Whatever weights are loaded into `model` inside the block (an EMA, a reconstruction), it gets its own back."""
-    saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    """Whatever weights are loaded into `model` inside the block (an EMA, a reconstruction), it gets its own back.
+
+    The copy is kept in CPU memory, as diffusers' `EMAModel.store` keeps it: on a GPU it costs no device memory."""
+    saved = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
     try:
         yield model
     finally:

@@ -13,6 +13,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from . import sampling
+from .data import first_line
 from .hardware import describe_cpu
 from .plotting import plot_loss_curve
 from .posthoc_ema import weights_restored
@@ -45,8 +46,9 @@ def push_run(args, commit_message: str) -> None:
             repo_id = f"{HfApi(token=args.hub_token).whoami()['name']}/{repo_id}"
         url = push_to_hub(args.output_dir, repo_id, args.hub_private_repo, None, commit_message, args.hub_token)
         logger.info(f"Pushed to {url}")
-    except (HubError, OSError) as error:
-        logger.error(f"Push to the Hub failed; the pipeline is saved in {args.output_dir}: {error}")
+    except Exception as error:  # noqa: BLE001 - a push must never end the training run
+        message = str(error) if isinstance(error, HubError) else f"{type(error).__name__}: {first_line(error)}"
+        logger.error(f"Push to the Hub failed; the pipeline is saved in {args.output_dir}: {message}")
 
 
 def write_sample_grid(unet, noise_scheduler, args, accelerator: Accelerator, step: int) -> None:

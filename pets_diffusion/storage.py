@@ -67,6 +67,15 @@ def verify(folder: Path, checksums: bool = True) -> None:
                 raise DamagedFolder(f"{folder.name}/{name} does not match its checksum")
 
 
+def is_intact(folder: Path) -> bool:
+    """Whether `verify` finds the folder whole."""
+    try:
+        verify(folder)
+    except DamagedFolder:
+        return False
+    return True
+
+
 def folder_bytes(folder: Path) -> int:
     """The bytes of a saved folder: from its manifest, else by walking it."""
     manifest = read_manifest(folder) if folder.is_dir() else None

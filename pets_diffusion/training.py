@@ -3,19 +3,21 @@
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import is_compiled_module, set_seed
+from accelerate.utils import broadcast_object_list, is_compiled_module, set_seed
 from tqdm.auto import tqdm
 
 from . import components, ema_selection
 from .checkpoints import (
     any_process,
     checkpoint_step,
+    complete_checkpoints,
     empty_output_dir,
     intact_checkpoint,
     register_model_hooks,
@@ -23,17 +25,19 @@ from .checkpoints import (
     save_pipeline,
     setup_differences,
 )
-from .data import TrainingImages, augmentation, prepare_images
+from .data import TrainingImages, augmentation, is_local_dataset, prepare_images
+from .divergence import DivergenceGuard
 from .hardware import float64_device
 from .interruption import EXIT_INTERRUPTED, StopRequests, ignore_stop_signals
 from .layout import chosen_memory_format
 from .objective import DEFAULT_VLB_WEIGHT, LEARNED_VARIANCE, DiffusionTerms, diffusion_loss
 from .options import UsageError, build_model_config, parse_args, validate_args
 from .posthoc_ema import remove_snapshots_after
+from .records import read_json
 from .reports import device_name, ema_weights, hparams, push_run, write_sample_grid, write_summary
 from .runlock import OutputDirBusy
 from .schedules import TimedLR
-from .storage import DamagedFolder, DiskFull, read_manifest
+from .storage import DamagedFolder, DiskFull, is_intact, read_manifest
 from .unet import PetsUNet2DModel
 from .validation import check_held_out_count, split_validation, write_held_out
 
@@ -51,6 +55,9 @@ def main(argv: list[str] | None = None, prog: str = "train_unconditional.py") ->
     except (UsageError, DamagedFolder) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunDiverged as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_DIVERGED) from None
     except (TrainingDiverged, DiskFull, OutputDirBusy) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -60,8 +67,16 @@ def main(argv: list[str] | None = None, prog: str = "train_unconditional.py") ->
         raise SystemExit(EXIT_INTERRUPTED) from None
 
 
+EXIT_DIVERGED = 3  # the divergence guard gave up: --max_rollbacks spent, or no checkpoint from before the spike
+LR_SPIKE = 1000.0  # --lr_spike_at_step multiplies the learning rate by this until a rollback
+
+
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite (with --no-divergence_guard)."""
+
+
+class RunDiverged(RuntimeError):
+    """The divergence guard could not bring the run back; the message names the checkpoint it kept."""
 
 
 class Interrupted(RuntimeError):
@@ -91,7 +106,7 @@ class TrainLoop:
         self.args = args
         self.started = time.perf_counter()
         self.accelerator = components.make_accelerator(args)
-        self.wait_for_main_process = components.MainProcessWait(self.accelerator)
+        self.wait_for_main_process = components.MainProcessWait(self.accelerator, args.ddp_timeout)
         with self.accelerator.main_process_first():  # first: a missing dataset ends the run before anything is written
             dataset = components.load_training_images(args)
         check_held_out_count(args, len(dataset))
@@ -103,6 +118,8 @@ class TrainLoop:
         self.saved_setup = (read_manifest(self.checkpoint) or {}).get("run") if self.checkpoint else None
         keep_lr_plan(args, self.saved_setup)
         recorded_seed = (self.saved_setup or {}).get("seed")
+        if self.saved_setup is not None and "seed" not in self.saved_setup:
+            recorded_seed = legacy_seed(args, self.checkpoint)
         self.seed = components.run_seed(self.accelerator, args.seed, recorded_seed)
         set_seed(self.seed)  # every process builds the same initial weights
         images, self.skipped = prepare_images(dataset, args.image_column, args.resolution)
@@ -117,6 +134,9 @@ class TrainLoop:
         self.global_step, self.first_epoch, self.batches_to_skip, self.resumed_from = 0, 0, 0, None
         self.steps_this_run, self.images_per_second, self.out_of_time, self.interrupted = 0, 0.0, False, False
         self.post_hoc_choice = None  # what choose_post_hoc_ema picked, for the summary
+        self.guard = DivergenceGuard(args.divergence_factor, args.divergence_window) if args.divergence_guard else None
+        self.rollbacks: list[dict] = []  # what the guard did, for the summary
+        self.kept_pipeline = previous_pipeline_record(args)  # the pipeline in --output_dir: which step, how good
         self.accumulated_loss = torch.zeros((), device=self.accelerator.device)
         self.step_loss, self.grad_norm = math.nan, None  # the last optimiser step's
         self.progress, self.step_started, self.stop_requests = None, self.started, StopRequests()  # run_loop's
@@ -132,6 +152,8 @@ class TrainLoop:
             os.makedirs(args.output_dir, exist_ok=True)
             arguments = {key: value for key, value in vars(args).items() if key != "hub_token"}
             arguments["seed"] = self.seed  # drawn when --seed was not given: the record makes the run repeatable
+            if args.dataset_name and args.train_data_dir is None and is_local_dataset(args.dataset_name):
+                arguments["dataset_path"] = str(Path(args.dataset_name).expanduser().resolve())  # where it was
             Path(args.output_dir, "training_args.json").write_text(json.dumps(arguments, indent=2) + "\n")
             if self.validation is not None:
                 write_held_out(args.output_dir, self.validation)
@@ -187,9 +209,10 @@ class TrainLoop:
         self.unwrapped = self.accelerator.unwrap_model(self.model)
 
     def seed_noise(self) -> None:
-        """Give each process its own noise and timesteps, derived from the run's seed (seed + process index):
-        with one stream for all, N processes would average N times the images but not N times the noise."""
-        set_seed(self.seed, device_specific=True)
+        """Give each process its own noise and timesteps, derived from the run's seed (seed + process index, modulo
+        2^32, which NumPy's seeds must stay below): with one stream for all, N processes would average N times the
+        images but not N times the noise."""
+        set_seed((self.seed + self.accelerator.process_index) % 2**32)
 
     def resume(self) -> None:
         """Load the checkpoint --resume_from_checkpoint names, and find where in which epoch it stopped."""
@@ -263,10 +286,14 @@ class TrainLoop:
         if not self.accelerator.sync_gradients:
             return False
         self.step_loss = self.reduced_loss()
-        if self.ema is not None:
+        diverged = self.guard.check(self.global_step + 1, self.step_loss) if self.guard is not None else None
+        if diverged is None and self.ema is not None:
             self.ema.step(self.model.parameters())
         self.global_step += 1
         self.steps_this_run += 1
+        if diverged is not None:
+            self.roll_back(diverged)
+            return True
         if self.post_hoc is not None:
             self.post_hoc.step(self.model.parameters(), self.global_step)
         return True
@@ -284,20 +311,91 @@ class TrainLoop:
         self.grad_norm = None
         if self.accelerator.sync_gradients:
             self.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        spike = self.args.lr_spike_at_step
+        if spike is not None and self.global_step + 1 >= spike and not self.rollbacks:  # the tests' fault
+            for group in self.optimizer.param_groups:
+                group["lr"] *= LR_SPIKE
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def reduced_loss(self) -> float:
-        """The step's loss, averaged over processes; a NaN or infinity stops the run."""
+        """The step's loss, averaged over processes; without the divergence guard a NaN or infinity stops the run."""
         step_loss = self.accelerator.reduce(self.accumulated_loss, "mean").item()
         self.accumulated_loss.zero_()
-        if not math.isfinite(step_loss):
+        if self.guard is None and not math.isfinite(step_loss):
             raise TrainingDiverged(
                 f"the loss became {step_loss} at step {self.global_step + 1}; the last good checkpoint "
                 "is kept. Lower --learning_rate, set --max_grad_norm or check the data."
             )
         return step_loss
+
+    def roll_back(self, reason: str) -> None:
+        """The run diverged: load the last intact checkpoint from before it, lower the learning rate, and go on
+        from the next batch (the ones seen since are skipped), with the step count and the clock running on."""
+        args, accelerator, step = self.args, self.accelerator, self.global_step
+        onset = self.guard.onset(step, reason)
+        checkpoint = self.checkpoint_before(onset)
+        if checkpoint is None or len(self.rollbacks) >= args.max_rollbacks:
+            self.give_up(reason, checkpoint)
+        scale = args.rollback_lr_factor ** (len(self.rollbacks) + 1)
+        earlier_s = self.timed_lr.earlier_s if self.timed_lr is not None else None
+        accelerator.load_state(str(checkpoint))  # weights, AdamW, the EMAs, the random streams, the lr schedule
+        self.forget_after(checkpoint_step(checkpoint))
+        self.guard.forget_after(onset)
+        if self.timed_lr is not None:  # the clock runs on: a rollback does not give time back
+            self.timed_lr.earlier_s = earlier_s
+            self.timed_lr.set_piece_seconds(components.piece_seconds(accelerator, self.started))
+        schedule = self.lr_scheduler.scheduler
+        schedule.base_lrs = [args.learning_rate * scale for _ in schedule.base_lrs]
+        schedule.last_epoch = step * accelerator.num_processes - 1  # the schedule stands where the run is...
+        schedule.step()  # ...at the lower rate
+        record = {"step": step, "reason": reason, "rolled_back_to": checkpoint.name, "lr_scale": scale}
+        self.rollbacks.append(record)
+        logger.warning(f"The run diverged at step {step} ({reason}): rolled back to {checkpoint.name}, learning "
+                       f"rate x{scale:g}, going on from the next batch")  # fmt: skip
+        if accelerator.is_main_process:
+            write_summary(args.output_dir, self.describe())
+        accelerator.wait_for_everyone()
+
+    def checkpoint_before(self, step: int) -> Path | None:
+        """The newest intact checkpoint saved at or before `step`, the same on every process."""
+        found = [None]
+        if self.accelerator.is_main_process:
+            for checkpoint in reversed(complete_checkpoints(self.args.output_dir)):
+                if checkpoint_step(checkpoint) <= step and is_intact(checkpoint):
+                    found = [str(checkpoint)]
+                    break
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(found)
+        return Path(found[0]) if found[0] else None
+
+    def forget_after(self, step: int) -> None:
+        """Remove what the diverging weights left after `step`: later checkpoints and post-hoc EMA snapshots."""
+        if self.accelerator.is_main_process:
+            for checkpoint in complete_checkpoints(self.args.output_dir):
+                if checkpoint_step(checkpoint) > step:
+                    shutil.rmtree(checkpoint)
+            if self.post_hoc is not None:
+                remove_snapshots_after(self.args.output_dir, step)
+        self.accelerator.wait_for_everyone()
+
+    def give_up(self, reason: str, checkpoint: Path | None) -> None:
+        """Stop a run the guard cannot bring back, keeping the last good checkpoint and the pipeline as they are."""
+        args, step = self.args, self.global_step
+        if checkpoint is not None:
+            self.forget_after(checkpoint_step(checkpoint))
+        kept = f"{checkpoint.name} (from before it) is kept" if checkpoint else "no checkpoint from before it exists"
+        tried = f"after {len(self.rollbacks)} rollback(s)" if self.rollbacks else "with no checkpoint to roll back to"
+        self.rollbacks.append({"step": step, "reason": reason, "gave_up": True})
+        if self.accelerator.is_main_process:
+            write_summary(args.output_dir, self.describe())
+        self.accelerator.end_training()
+        raise RunDiverged(
+            f"the run diverged at step {step} ({reason}) {tried}; {kept}, and the pipeline in {args.output_dir} is "
+            f"untouched. Lower --learning_rate (or raise --max_rollbacks), then resume from that checkpoint "
+            f"(exit status {EXIT_DIVERGED})."
+        )
 
     # -- what happens at a step's end and an epoch's end ----------------------------------------------
 
@@ -374,7 +472,7 @@ class TrainLoop:
         states = 3 + (self.ema is not None) + 2 * (self.post_hoc is not None)  # weights, Adam's two moments, EMAs
         expected = states * sum(parameter.numel() * 4 for parameter in self.unwrapped.parameters())
         save_checkpoint(self.accelerator, args.output_dir, self.global_step, args.checkpoints_total_limit,
-                        self.resumed_from, self.run_setup(), expected)  # fmt: skip
+                        self.resumed_from, self.run_setup(), expected, self.wait_for_main_process)  # fmt: skip
 
     def run_setup(self) -> dict:
         """The run's setup, which a checkpoint can only be resumed with: model, batch, processes, seed, diffusion."""
@@ -425,10 +523,23 @@ class TrainLoop:
         self.accelerator.wait_for_everyone()
 
     def save_and_measure_pipeline(self, final: bool) -> None:
+        """Measure the (EMA) weights on the held-out images, then save them as the pipeline unless the one there
+        scored better: then they go to last-pipeline/ beside it, and the summary says which is which."""
+        output_dir = Path(self.args.output_dir)
         with ema_weights(self.ema, self.unwrapped) as unet:
-            save_pipeline(unet, self.noise_scheduler, self.args.output_dir)
-            if self.validation is not None:
-                self.validation.log_bits_per_dim(unet, self.noise_scheduler, self.accelerator, self.global_step)
+            scores, validation = None, self.validation
+            if validation is not None:
+                result = validation.log_bits_per_dim(unet, self.noise_scheduler, self.accelerator, self.global_step)
+                scores = {key: result[key] for key in ("bpd", "bpd_stderr")}
+            record = {"step": self.global_step, **(scores or {})}
+            kept = self.kept_pipeline
+            if scores is not None and kept.get("bpd") is not None and scores["bpd"] > kept["bpd"]:
+                save_pipeline(unet, self.noise_scheduler, str(output_dir / LAST_PIPELINE))
+                self.kept_pipeline = {**kept, "last": {**record, "folder": LAST_PIPELINE}}
+            else:
+                save_pipeline(unet, self.noise_scheduler, str(output_dir))
+                shutil.rmtree(output_dir / LAST_PIPELINE, ignore_errors=True)
+                self.kept_pipeline = record
         write_summary(self.args.output_dir, self.describe())
         if final and self.post_hoc is not None and self.validation is not None:
             self.choose_post_hoc_ema()
@@ -459,6 +570,11 @@ class TrainLoop:
         self.accelerator.end_training()
         return summary
 
+    def validation_record(self) -> dict:
+        """The held-out scores, the bound being the pipeline's in --output_dir (the kept one, not the last)."""
+        kept = {key: self.kept_pipeline[key] for key in ("bpd", "bpd_stderr") if key in self.kept_pipeline}
+        return {**self.validation.results, **kept}
+
     def describe(self) -> dict:
         """Where, how long and how far this run trained: for the model card and the tests."""
         accelerator = self.accelerator
@@ -480,10 +596,52 @@ class TrainLoop:
             "last_images_per_sec": round(self.images_per_second, 2),
             "parameters": self.unwrapped.num_parameters(),
             "stopped_by_time_budget": self.out_of_time,
-            **({"validation": dict(self.validation.results)} if self.validation is not None else {}),
+            **({"validation": self.validation_record()} if self.validation is not None else {}),
             **({"post_hoc_ema": self.post_hoc_choice} if self.post_hoc_choice is not None else {}),
             **({"lr_schedule": self.timed_lr.record()} if self.timed_lr is not None else {}),
+            **({"rollbacks": self.rollbacks} if self.rollbacks else {}),
+            "pipeline": describe_pipeline(self.kept_pipeline),
         }
+
+
+LAST_PIPELINE = "last-pipeline"  # the last weights, when the pipeline in --output_dir scored better
+
+
+def previous_pipeline_record(args) -> dict:
+    """What the summary says of the pipeline already in --output_dir (a resumed run's), or nothing."""
+    if args.overwrite_output_dir or not args.resume_from_checkpoint:
+        return {}
+    summary = read_json(Path(args.output_dir) / "train_summary.json")
+    return {key: value for key, value in summary.get("pipeline", {}).items() if key in ("step", "bpd", "bpd_stderr")}
+
+
+def describe_pipeline(kept: dict) -> dict:
+    """train_summary.json's account of which weights are the pipeline in --output_dir, and why."""
+    if "step" not in kept:
+        return {}
+    if "bpd" not in kept:
+        return {**kept, "why": "no held-out images to compare saves by: the last weights"}
+    last = kept.get("last")
+    if last is None:
+        return {**kept, "why": "the last save, which scored as well as any earlier one on the held-out images"}
+    best = f"the best save by held-out bits/dim ({kept['bpd']:.4f} at step {kept['step']})"
+    last_weights = f"the last weights (step {last['step']}, {last['bpd']:.4f}) are in {last['folder']}/"
+    return {**kept, "why": f"{best}; {last_weights}"}
+
+
+def legacy_seed(args, checkpoint: Path) -> int:
+    """The seed of a checkpoint saved before checkpoints recorded it: training_args.json's, else --seed; with
+    neither, a new seed would silently hold out other images and shuffle otherwise, so the resume is refused."""
+    recorded = read_json(Path(args.output_dir) / "training_args.json").get("seed")
+    if isinstance(recorded, int):
+        return recorded
+    if args.seed is not None:
+        return args.seed
+    raise UsageError(
+        f"{checkpoint.name} was saved before checkpoints recorded the run's seed, and training_args.json records "
+        "none; resume with the --seed the run was trained with (it chose the held-out images and the data order), "
+        "or train in a new --output_dir."
+    )
 
 
 def keep_lr_plan(args, saved_setup: dict | None) -> None:

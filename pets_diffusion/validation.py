@@ -49,13 +49,14 @@ class Validation:
         model.train()
         accelerator.log({"validation_loss": loss}, step=step)
 
-    def log_bits_per_dim(self, model: torch.nn.Module, noise_scheduler, accelerator, step: int) -> None:
-        """Measure the held-out bits/dim (in eval mode, under the run's autocast) and log it."""
+    def log_bits_per_dim(self, model: torch.nn.Module, noise_scheduler, accelerator, step: int) -> dict:
+        """Measure the held-out bits/dim (in eval mode, under the run's autocast), log it and return it."""
         model.eval()
         with accelerator.autocast():
             result = self.bits_per_dim(model, noise_scheduler)
         model.train()
         accelerator.log({"validation_bpd": result["bpd"], "validation_bpd_stderr": result["bpd_stderr"]}, step=step)
+        return result
 
 
 def split_validation(args, images, seed: int, device: torch.device):

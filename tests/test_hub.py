@@ -336,3 +336,77 @@ def test_a_card_of_a_local_dataset_takes_its_name_and_licence_from_the_dataset_c
     front_matter, card = card_for_data(training_output, tmp_path / "second", {"dataset_name": str(other)})
     assert front_matter["license"] == "cc-by-4.0" and "Parkhi" not in card and "Oxford" not in card
     assert "licence, as its dataset card gives it: **cc-by-4.0**" in card
+
+
+# -- what the card claims about data it does not know ---------------------------------------------------
+
+
+def test_a_folder_without_training_args_claims_no_dataset_licence_or_citation(training_output, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(training_output, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    (run / "training_args.json").unlink()
+    card = (export_for_hub(run, tmp_path / "export", "tester/unknown") / "README.md").read_text()
+    front_matter = yaml.safe_load(card.split("---\n")[1])
+    assert "license" not in front_matter and "datasets" not in front_matter and "pets" not in front_matter["tags"]
+    assert "does not record" in card and "Oxford" not in card and "Parkhi" not in card and "CC BY-SA" not in card
+
+
+def test_a_relative_or_moved_local_dataset_is_named_as_local_never_as_a_hub_id(training_output, tmp_path):
+    pets = tmp_path / "data" / "my-pets"
+    pets.mkdir(parents=True)
+    (pets / "README.md").write_text("---\nlicense: cc-by-sa-4.0\npretty_name: Oxford-IIIT Pet, 64x64\n---\n")
+    # Trained from another folder as `data/my-pets`; the run recorded where that was.
+    front_matter, card = card_for_data(training_output, tmp_path, {"dataset_name": "data/my-pets",
+                                                                   "dataset_path": str(pets)})  # fmt: skip
+    assert front_matter["license"] == "cc-by-sa-4.0" and "datasets" not in front_matter
+    assert "from the local dataset `my-pets`" in card and "huggingface.co/datasets" not in card
+    shutil.rmtree(pets)  # moved away since: the card says so and claims no licence
+    front_matter, card = card_for_data(training_output, tmp_path / "moved", {"dataset_name": "data/my-pets",
+                                                                             "dataset_path": str(pets)})  # fmt: skip
+    assert "license" not in front_matter and "datasets" not in front_matter
+    assert f"no longer at {pets}" in card and "huggingface.co/datasets" not in card and "Parkhi" not in card
+
+
+def test_a_local_dataset_whose_card_is_malformed_yaml_still_exports_and_names_no_licence(training_output, tmp_path):
+    broken = tmp_path / "broken-card"
+    broken.mkdir()
+    (broken / "README.md").write_text("---\nlicense: [cc-by-sa-4.0\npretty_name: {unclosed\n---\n# Pets\n")
+    front_matter, card = card_for_data(training_output, tmp_path, {"dataset_name": str(broken)})
+    assert "license" not in front_matter and "the local dataset `broken-card`" in card
+
+
+def test_a_training_run_on_data_with_a_malformed_card_pushes_and_is_never_ended_by_a_push(hub, tmp_path):
+    from datasets import Dataset, Image
+
+    from .helpers import launch, make_image_folder, tiny_training_args, write_tiny_config
+
+    images = make_image_folder(tmp_path / "images", count=8)
+    folder = tmp_path / "parquet-data"
+    folder.mkdir()
+    rows = {"image": [str(path) for path in sorted(images.iterdir())]}
+    Dataset.from_dict(rows).cast_column("image", Image()).to_parquet(folder / "train.parquet")
+    (folder / "README.md").write_text("---\nlicense: [unclosed\n---\n")  # beside the Parquet file the run reads
+    output = tmp_path / "run"
+    args = tiny_training_args(images, write_tiny_config(tmp_path / "tiny.json"), output, "--max_train_steps", "4",
+                              "--save_images_steps", "100", "--save_model_epochs", "1", "--push_to_hub",
+                              "--hub_model_id", "tester/broken-card")  # fmt: skip
+    at = args.index("--train_data_dir")
+    args[at : at + 2] = ["--dataset_name", str(folder / "train.parquet")]
+    launch(args, env=hub_env(hub, tmp_path))
+    assert json.loads((output / "train_summary.json").read_text())["global_step"] == 4
+    card = hub.state.repos["tester/broken-card"].branches["main"]["README.md"].decode()
+    assert "the Parquet file `train.parquet`" in card and "cc-by-sa" not in card
+
+
+def test_a_space_for_a_model_of_unknown_or_other_data_claims_neither_its_licence_nor_cats_and_dogs(tmp_path):
+    pytest.importorskip("gradio", reason="the demo extra (Gradio) is not installed")
+    from pets_diffusion.hub import TrainingData, export_space
+
+    for data in (None, TrainingData("the image folder `flowers`", None, None, False)):
+        folder = export_space("tester/flowers", tmp_path / f"space-{data is None}", data)
+        front_matter = yaml.safe_load((folder / "README.md").read_text().split("---\n")[1])
+        assert "license" not in front_matter and "Cats and dogs" not in front_matter["short_description"]
+    pets = TrainingData("Oxford-IIIT Pet", "cc-by-sa-4.0", "pcuenq/oxford-pets", True)
+    front_matter = yaml.safe_load((export_space("tester/pets", tmp_path / "pets", pets) / "README.md").read_text()
+                                  .split("---\n")[1])  # fmt: skip
+    assert front_matter["license"] == "cc-by-sa-4.0" and front_matter["short_description"].startswith("Cats and dogs")

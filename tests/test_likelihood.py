@@ -305,3 +305,63 @@ def test_an_x0_predictor_trains_on_its_snr_weighted_mse_which_is_the_epsilon_mse
     expected = ((noise - epsilon_hat) ** 2).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     assert loss.item() != pytest.approx(((images - x0_hat) ** 2).mean().item(), rel=1e-2)  # not the plain MSE
+
+
+class Echo(torch.nn.Module):
+    """A model that returns its input, x_t, as its prediction, whatever it is asked to predict."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # a parameter, so that the model has a device and dtype
+
+    def forward(self, sample, timestep):
+        return Output(sample)
+
+
+def test_the_high_noise_loss_matches_a_hand_computation_over_the_noisier_half_of_the_timesteps():
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    images = quantised_gaussian_images(6, seed=3, shape=(3, 8, 8)).float()
+    result = heldout_loss(Echo(), scheduler, images, num_timesteps=5, seed=7, batch_size=4, first_timestep=500)
+    # By hand: timesteps at the midpoints of 5 strata of 500..999, noise drawn timestep by timestep, batch by batch.
+    generator = torch.Generator().manual_seed(7)
+    per_timestep = []
+    for t in (550, 650, 750, 850, 950):
+        alpha_bar = scheduler.alphas_cumprod[t].item()
+        errors = []
+        for start in (0, 4):
+            x0 = images[start : start + 4]
+            noise = torch.randn(x0.shape, generator=generator)
+            x_t = alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise  # Echo's ε̂ is x_t itself
+            errors.append(((x_t - noise) ** 2).mean(dim=(1, 2, 3)))
+        per_timestep.append(torch.cat(errors))
+    per_image = torch.stack(per_timestep).mean(dim=0).double()
+    assert list(result["loss_per_timestep"]) == ["550", "650", "750", "850", "950"]
+    assert result["loss"] == pytest.approx(per_image.mean().item(), rel=1e-5)
+    assert result["loss_per_image"] == pytest.approx(per_image.tolist(), rel=1e-5)
+    assert result["loss_stderr"] == pytest.approx(per_image.std().item() / 6**0.5, rel=1e-4)
+    other = heldout_loss(Echo(), scheduler, images, num_timesteps=5, seed=7, batch_size=4, first_timestep=500)
+    assert paired_difference(result, other, "loss_per_image") == (0.0, 0.0)  # the same model: no difference
+
+
+def test_the_held_out_loss_of_an_x0_model_is_snr_weighted_as_its_training_loss_is():
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type="sample")
+    images = quantised_gaussian_images(4, seed=5).float()
+
+    class PredictsZero(Echo):
+        def forward(self, sample, timestep):
+            return Output(torch.zeros_like(sample))  # x̂_0 = 0: its unweighted error is mean(x_0²) at every t
+
+    result = heldout_loss(PredictsZero(), scheduler, images, num_timesteps=4, seed=0)
+    squares = (images.double() ** 2).mean(dim=(1, 2, 3))
+    alpha_bar = scheduler.alphas_cumprod.double()
+    snr = {t: (alpha_bar[t] / (1 - alpha_bar[t])).item() for t in (12, 37, 62, 87)}
+    assert result["loss_per_timestep"] == pytest.approx({str(t): value * squares.mean().item()
+                                                          for t, value in snr.items()}, rel=1e-4)  # fmt: skip
+    batch = images[:2]
+    torch.manual_seed(0)
+    trained = diffusion_loss(PredictsZero(), scheduler, batch).item()
+    torch.manual_seed(0)  # diffusion_loss's own draws, in its order: the noise, then the timesteps
+    torch.randn_like(batch)
+    t = torch.randint(0, 100, (2,))
+    by_hand = ((alpha_bar[t] / (1 - alpha_bar[t])) * (batch.double() ** 2).mean(dim=(1, 2, 3))).mean().item()
+    assert trained == pytest.approx(by_hand, rel=1e-4)  # training weighs it so too: the same objective

@@ -28,7 +28,7 @@ def write_pets_copy(folder: Path, splits: dict[str, list[str]], seed: int) -> Pa
     (folder / "data").mkdir(parents=True)
     for split, names in splits.items():
         images = []
-        for name in names:
+        for _ in names:
             pixels = (rng.random((32, 32, 3)) * 255).astype("uint8")
             PILImage.fromarray(pixels).save(folder / "tmp.png")
             images.append({"bytes": (folder / "tmp.png").read_bytes(), "path": None})
@@ -43,15 +43,16 @@ def write_pets_copy(folder: Path, splits: dict[str, list[str]], seed: int) -> Pa
 def test_the_pets20_stage_screens_in_pairs_and_compares_by_samples_and_high_noise_loss(tmp_path):
     faithful = [f"pet_{index}.jpg" for index in range(12)]
     data = write_pets_copy(tmp_path / "pets", {"train": faithful}, seed=0)
-    full = write_pets_copy(tmp_path / "pets-full", {"train": faithful + ["pet_12.jpg", "pet_13.jpg"],
-                                                    "stretched_unsquashed": ["pet_14.jpg", "pet_15.jpg"]}, seed=1)  # fmt: skip
+    more = {"train": [*faithful, "pet_12.jpg", "pet_13.jpg"], "stretched_unsquashed": ["pet_14.jpg", "pet_15.jpg"]}
+    full = write_pets_copy(tmp_path / "pets-full", more, seed=1)
     out = tmp_path / "screen"
     config = write_tiny_config(tmp_path / "tiny.json")
     env = {**os.environ, "PYTHON": sys.executable, "FULL": str(full), "SCREEN20_TIME": "3s", "PETS20_HELD_OUT": "4",
            "PETS20_RUNS": "base constant seed1",
            "PETS20_FLAGS": f"--model_config_name_or_path {config} --resolution 16 --train_batch_size 4 "
                            "--ddpm_num_steps 20 --ddpm_num_inference_steps 2 --validation_bpd_timesteps 3",
-           "COMPARE_FLAGS": "--nll-timesteps 3 --grids= --sheet --high-noise-from 10 --high-noise-timesteps 4"}  # fmt: skip
+           "COMPARE_FLAGS": "--nll-timesteps 3 --grids= --sheet --high-noise-from 10 --high-noise-timesteps 4",
+           }  # fmt: skip
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "recipe_runs.sh"), str(data), str(out), "pets20"],
                             capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

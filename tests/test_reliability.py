@@ -253,6 +253,8 @@ def bad_run(tmp_path: Path, *args: str) -> tuple[str, Path]:
         (("--vlb_weight", "0.01"), "--vlb_weight weighs the bound a learned variance trains on; add --variance_type"),
         (("--variance_type", "learned"), "argument --variance_type: invalid choice: 'learned'"),
         (("--model_config_name_or_path", "/nonexistent/config.json"), "/nonexistent/config.json does not exist"),
+        (("--validation_dataset", ""), "--validation_dataset is empty; give a folder of images"),
+        (("--lr_schedule_time", "0s"), "argument --lr_schedule_time: must be longer than zero, got '0s'"),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, capsys, args, expected):
@@ -349,4 +351,21 @@ def test_checkpoints_grids_and_snapshots_do_not_change_the_training(workspace, t
 def test_a_dataset_name_and_an_image_folder_together_are_refused_in_one_line(tmp_path):
     message, output = bad_run(tmp_path, "--dataset_name", "some/dataset", "--train_data_dir", str(tmp_path))
     assert "name two datasets; give one of them" in message
+    assert not output.exists()
+
+
+def test_an_empty_dataset_name_a_missing_path_or_a_folder_without_images_fails_in_one_line(tmp_path):
+    """As `--dataset_name "$(realpath ../missing)"` becomes on a clone with nothing beside it: an empty name."""
+    message, output = bad_run(tmp_path, "--dataset_name", "")
+    assert "--dataset_name is empty; give a folder of images, a dataset folder" in message
+    assert "examples/pets-sample" in message
+    message, _ = bad_run(tmp_path, "--train_data_dir", "")
+    assert "--train_data_dir is empty" in message
+    message, _ = bad_run(tmp_path, "--dataset_name", str(tmp_path / "no-such-folder" / "pets"))
+    assert "does not exist; give a folder of images" in message
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("no images here\n")
+    for flag in ("--dataset_name", "--train_data_dir"):
+        message, _ = bad_run(tmp_path, flag, str(tmp_path / "empty"))
+        assert f"cannot load the dataset {tmp_path / 'empty'}" in message and "give a folder of images" in message
     assert not output.exists()
