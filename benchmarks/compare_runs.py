@@ -8,7 +8,7 @@ Every run must have held out the same images (--validation_images with the same 
 same --validation_dataset); the first run's are used. Each run's bound and losses use the same images,
 timesteps and noise, so differences against the first run are paired: their standard errors are those
 of the per-image differences. The high-noise loss is the held-out loss over timesteps t >= 500 of 1,000
-(`--high-noise-from`), where a sample's shapes form. Runs at another resolution than the first are
+(T/2, or `--high-noise-from`), where a sample's shapes form. Runs at another resolution than the first are
 measured but not paired (bits/dim is per dimension of each size). Writes OUT/compare.json,
 OUT/<run>-ddpm-<steps>.png (16 samples from the same noise), with --sheet OUT/sheet.png (64 DPM-Solver++
 samples of each run in 25 steps, seed 0, labelled) and prints a table.
@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pets_diffusion import PetsUNet2DModel, sampling
 from pets_diffusion.evaluation import RunImages
-from pets_diffusion.likelihood import HIGH_NOISE_FROM, bits_per_dim, heldout_loss, paired_difference
+from pets_diffusion.likelihood import bits_per_dim, heldout_loss, high_noise_from, paired_difference
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--grids", default="50,100,1000", help="DDPM step counts to draw 16 samples with.")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--pipeline", default="", help="A subfolder of each run holding the pipeline to compare.")
-    parser.add_argument("--high-noise-from", type=int, default=HIGH_NOISE_FROM, help="First timestep of the loss.")
+    parser.add_argument("--high-noise-from", type=int, default=None, help="The loss's first timestep (default T/2).")
     parser.add_argument("--high-noise-timesteps", type=int, default=25, help="Its timesteps, evenly spread.")
     parser.add_argument("--sheet", action="store_true", help="Draw OUT/sheet.png: each run's 64 samples, labelled.")
     options = parser.parse_args()
@@ -55,8 +55,9 @@ def main() -> None:
         started = time.perf_counter()
         bound = bits_per_dim(unet, scheduler, heldout, options.nll_timesteps, 0, options.batch_size, progress=True)
         loss = heldout_loss(unet, scheduler, heldout, seed=0, batch_size=options.batch_size)
+        first = options.high_noise_from if options.high_noise_from is not None else high_noise_from(scheduler)
         high_noise = heldout_loss(unet, scheduler, heldout, options.high_noise_timesteps, 0, options.batch_size,
-                                  first_timestep=options.high_noise_from)  # fmt: skip
+                                  first_timestep=first)  # fmt: skip
         summary = json.loads((run / "train_summary.json").read_text())
         rows.append({
             "run": str(run), "resolution": unet.config.sample_size, "variance_type": scheduler.config.variance_type,
@@ -82,7 +83,7 @@ def main() -> None:
         difference = paired_difference(row["high_noise"], first, "loss_per_image") if paired else (None, None)
         row["high_noise_minus_first"], row["high_noise_minus_first_stderr"] = difference
     print(f"| run | variance | bits/dim | decoder | KL terms | minus {rows[0]['run']} (paired) | held-out loss | "
-          f"loss at t >= {options.high_noise_from} | minus the first (paired) |")  # fmt: skip
+          f"loss at t >= {rows[0]['high_noise']['first_timestep']} | minus the first (paired) |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         bound, high_noise = row["bound"], row["high_noise"]

@@ -117,25 +117,15 @@ screen20_pairs() {  # screen20_pairs "NAME FLAGS"...: pets20 runs two at a time,
     done
 }
 
-pets20_data() {  # OUT/pets20-data: the axes' 64 held-out images; the train split less them; the full copy less them
-    "$PYTHON" - "$DATA" "${FULL:?FULL: the oxford-pets-64-full copy}" "$OUT/pets20-data" \
-        "$ROOT/benchmarks/configs/small-32px.json" "${PETS20_HELD_OUT:-64}" <<'EOF'
-"""The faithful train split's 64 held-out images (seed 0, as the axes stage's), that split less them, the full
-copy's train + stretched_unsquashed less them (by file name: the same photos are in its train split), three configs."""
+pets20_data() {  # OUT/pets20-data: the held-out, train-split and full-copy files (benchmarks/pets_data.py), configs
+    "$PYTHON" "$ROOT/benchmarks/pets_data.py" "$DATA" "${FULL:?FULL: the oxford-pets-64-full copy}" "$OUT/pets20-data" \
+        "${PETS20_HELD_OUT:-64}"
+    "$PYTHON" - "$ROOT/benchmarks/configs/small-32px.json" "$OUT/pets20-data" <<'EOF'
+"""The screen's three model configs: narrower widths (GroupNorm groups and head widths that divide them), no 16x16
+attention."""
 import json, sys
 from pathlib import Path
-from datasets import concatenate_datasets, load_dataset
-from pets_diffusion.data import hold_out
-source, full, out, config, count = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-config = json.loads(Path(config).read_text())
-out.mkdir(parents=True, exist_ok=True)
-train = load_dataset(source, split="train")
-_, _, held = hold_out(range(len(train)), count, seed=0)
-names = set(train.select(held)["file_name"])
-train.select(held).to_parquet(out / "heldout.parquet")
-train.filter(lambda name: name not in names, input_columns="file_name").to_parquet(out / "train1750.parquet")
-clean = concatenate_datasets([load_dataset(full, split="train"), load_dataset(full, split="stretched_unsquashed")])
-clean.filter(lambda name: name not in names, input_columns="file_name").to_parquet(out / "full.parquet")
+config, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
 narrow = {"attention_head_dim": 32, "norm_num_groups": 16}  # 48 channels take no 32 groups, 96 no 64-wide heads
 (out / "widths32.json").write_text(json.dumps({**config, **narrow, "block_out_channels": [32, 64, 128]}))
 (out / "widths48.json").write_text(json.dumps({**config, **narrow, "block_out_channels": [48, 96, 192]}))

@@ -10,8 +10,10 @@ images are known: the same split is rebuilt from its recorded arguments) and wri
     trajectory.png             x_t and predicted x_0 along DDPM's reverse process, 4 samples
     memorization.png           the 8 samples nearest the training set above their nearest training images
     loss_curve.png             training loss and held-out loss
-    progress.png               the held-out bound over the run's minutes (all pieces), above its sample grids
-    reference_summary.json     held-out bits/dim (all timesteps) ± stderr, held-out loss, memorisation,
+    progress.png               the held-out bound and high-noise loss over the run's minutes (all pieces),
+                               above its sample grids
+    reference_summary.json     held-out bits/dim (all timesteps) ± stderr, held-out loss (all timesteps, and
+                               at t >= T/2, where shapes form), memorisation,
                                images/s, images seen, wall time, the progress at each bound and grid,
                                device, versions, command
 """
@@ -35,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from pets_diffusion import PetsUNet2DModel, sampling  # noqa: E402
 from pets_diffusion.data import evaluation_tensor  # noqa: E402
 from pets_diffusion.evaluation import ImageTensors, RunImages  # noqa: E402
-from pets_diffusion.likelihood import bits_per_dim, heldout_loss  # noqa: E402
+from pets_diffusion.likelihood import bits_per_dim, heldout_loss, high_noise_from  # noqa: E402
 from pets_diffusion.memorization import memorization, nearest_picture  # noqa: E402
 from pets_diffusion.plotting import plot_progress, read_scalars, run_minutes, run_progress  # noqa: E402
 
@@ -61,10 +63,11 @@ def main() -> None:
         samples = draw_pictures(unet, ddpm, options.out_dir, options.batch_size)
         bound = bits_per_dim(unet, ddpm, heldout, options.nll_timesteps, 0, options.batch_size, progress=True)
         loss = heldout_loss(unet, ddpm, heldout, seed=0, batch_size=options.batch_size)
+        high_noise = heldout_loss(unet, ddpm, heldout, 25, 0, options.batch_size, first_timestep=high_noise_from(ddpm))
     copying = memorization(samples, train, heldout)
     nearest_picture(samples, train, copying).save(options.out_dir / "memorization.png")
     shutil.copyfile(options.run_dir / "loss_curve.png", options.out_dir / "loss_curve.png")
-    summary = summarise(options, args, bound, loss, copying, device, time.perf_counter() - started)
+    summary = summarise(options, args, bound, loss, high_noise, copying, device, time.perf_counter() - started)
     plot_progress(options.run_dir, summary["progress"], options.out_dir / "progress.png")
     (options.out_dir / "reference_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({key: summary[key] for key in ("bpd", "bpd_stderr", "heldout_loss", "memorization_share")}))
@@ -87,7 +90,7 @@ def draw_pictures(unet, ddpm: DDPMScheduler, out_dir: Path, batch_size: int) -> 
     return evaluation_tensor(ImageTensors(images), unet.config.sample_size).to(unet.device)
 
 
-def summarise(options, args: Namespace, bound: dict, loss: dict, copying: dict, device: str, seconds: float) -> dict:
+def summarise(options, args: Namespace, bound, loss, high_noise, copying, device: str, seconds: float) -> dict:
     """The reference run's numbers, with where, how and with what they were made."""
     import accelerate
     import diffusers
@@ -105,6 +108,8 @@ def summarise(options, args: Namespace, bound: dict, loss: dict, copying: dict, 
         "heldout_images": bound["num_images"],
         "heldout_loss": loss["loss"],
         "heldout_loss_stderr": loss["loss_stderr"],
+        "heldout_loss_high_noise": high_noise["loss"],  # t >= T/2, 25 timesteps
+        "heldout_loss_high_noise_stderr": high_noise["loss_stderr"],
         "memorization_share": copying["memorization_share"],
         "median_sample_distance": copying["median_sample_distance"],
         "median_heldout_distance": copying["median_heldout_distance"],

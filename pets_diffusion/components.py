@@ -97,15 +97,17 @@ class MainProcessWait:
     That work can outlast the process group's timeout (NCCL's default is 10 minutes), which would end the
     run at a save. So they wait at a barrier of a gloo group of their own, whose timeout is a day; the
     training's collectives keep --ddp_timeout. A gloo group that cannot connect (a host name resolving to
-    127.0.1.1 on a multi-node run, say) would hang for that day: a probe group with --ddp_timeout's timeout
-    connects first, and where it fails, or where several processes run without torch.distributed (XLA),
-    they wait with `accelerator.wait_for_everyone()` instead, under the run's own timeout.
+    127.0.1.1 on a multi-node run, say) would hang for that day: a probe group with a short timeout connects
+    first, and where it fails, or where several processes run without torch.distributed (XLA), they wait
+    with `accelerator.wait_for_everyone()` instead, under the run's own timeout.
     """
 
     def __init__(self, accelerator: Accelerator, ddp_timeout: float):
         self.accelerator, self.group = accelerator, None
         if accelerator.num_processes > 1 and dist.is_initialized():
-            self.group = day_long_gloo_group(accelerator, timedelta(seconds=ddp_timeout))
+            # Half of --ddp_timeout (a minute at most): a process whose probe failed at once still finds the others
+            # waiting at the agreement, under the full timeout.
+            self.group = day_long_gloo_group(accelerator, timedelta(seconds=min(ddp_timeout / 2, 60.0)))
 
     def __call__(self) -> None:
         if self.group is not None:

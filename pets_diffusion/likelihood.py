@@ -21,8 +21,6 @@ from tqdm.auto import tqdm
 from .hardware import float64_device
 from .objective import DiffusionTerms, check_variance_channels, model_prediction, objective_errors
 
-HIGH_NOISE_FROM = 500  # of 1,000 timesteps: the noisier half, where a sample's shapes form
-
 
 def model_dtype(unet: torch.nn.Module) -> torch.dtype:
     """The dtype the model computes in (its `dtype`, else its first parameter's; float32 for a bare function)."""
@@ -144,7 +142,7 @@ def heldout_loss(
 
     The timesteps are the midpoints of `num_timesteps` equal strata of `first_timestep` .. T-1, and the
     noise is drawn from `seed`: the same images give the same number for the same model, run after run.
-    With `first_timestep` = T/2 it is the loss where a sample's shapes form (`HIGH_NOISE_FROM`), which the
+    With `first_timestep` = T/2 it is the loss where a sample's shapes form (`high_noise_from`), which the
     bound, decided by the low-noise terms, hardly sees. Each image's mean over the timesteps is kept, so two
     models' losses on the same images pair (`paired_difference`).
     """
@@ -175,6 +173,11 @@ def heldout_loss(
         "num_images": len(images),
         "seed": seed,
     }
+
+
+def high_noise_from(scheduler: DDPMScheduler) -> int:
+    """The first timestep of the noisier half (500 of 1,000), where a sample's shapes form."""
+    return scheduler.config.num_train_timesteps // 2
 
 
 def paired_difference(first: dict, second: dict, key: str = "bpd_per_image") -> tuple[float, float]:

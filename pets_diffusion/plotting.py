@@ -40,8 +40,8 @@ def run_minutes(log_dir: str | Path) -> dict[int, float]:
 
 
 def run_progress(run_dir: str | Path, log_dir: str | Path, images_per_step: int, minutes: dict[int, float]) -> dict:
-    """Where the run stood at each held-out bound and each sample grid: step, minutes (`run_minutes`), images
-    seen, and the bound (bits/dim ± standard error) or the grid's file."""
+    """Where the run stood at each held-out bound, each held-out loss at high noise and each sample grid: step,
+    minutes (`run_minutes`), images seen, and the bound (bits/dim ± standard error), the loss or the grid's file."""
 
     def minute(step: int) -> float:
         return round(minutes.get(step, max((m for s, m in minutes.items() if s <= step), default=0.0)), 1)
@@ -49,15 +49,18 @@ def run_progress(run_dir: str | Path, log_dir: str | Path, images_per_step: int,
     errors = dict(read_scalars(log_dir, "validation_bpd_stderr"))
     bounds = [{"step": step, "minutes": minute(step), "images_seen": step * images_per_step, "bpd": value,
                "bpd_stderr": errors.get(step)} for step, value in read_scalars(log_dir, "validation_bpd")]  # fmt: skip
+    high_noise = [{"step": step, "minutes": minute(step), "images_seen": step * images_per_step, "loss": value}
+                  for step, value in read_scalars(log_dir, "validation_loss_high_noise")]  # fmt: skip
     grids = []
     for path in sorted((Path(run_dir) / "samples").glob("step-*.png")):
         step = int(re.fullmatch(r"step-(\d+)\.png", path.name).group(1))
         grids.append({"step": step, "minutes": minute(step), "images_seen": step * images_per_step, "file": path.name})
-    return {"bounds": bounds, "grids": grids}
+    return {"bounds": bounds, "high_noise": high_noise, "grids": grids}
 
 
 def plot_progress(run_dir: str | Path, progress: dict, out_path: str | Path) -> Path:
-    """The held-out bound over the run's minutes, above its sample grids labelled with step and minute."""
+    """The held-out bound and the held-out loss at high noise over the run's minutes, above its sample grids
+    labelled with step and minute."""
     from PIL import Image
 
     grids = progress["grids"]
@@ -71,6 +74,10 @@ def plot_progress(run_dir: str | Path, progress: dict, out_path: str | Path) -> 
     curve.set_xlabel("minutes of the run (all pieces)")
     curve.set_ylabel("held-out bound (bits/dim)")
     curve.grid(alpha=0.3)
+    if progress.get("high_noise"):
+        points, loss = progress["high_noise"], curve.twinx()
+        loss.plot([p["minutes"] for p in points], [p["loss"] for p in points], color="tab:orange", marker=".")
+        loss.set_ylabel("held-out loss, t ≥ T/2", color="tab:orange")
     for column, grid in enumerate(grids):
         axes = figure.add_subplot(2, columns, columns + column + 1)
         axes.imshow(Image.open(Path(run_dir) / "samples" / grid["file"]).convert("RGB"))

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .data import evaluation_tensor, hold_out, validation_dataset_images
-from .likelihood import bits_per_dim, heldout_loss
+from .likelihood import bits_per_dim, heldout_loss, high_noise_from
 from .options import UsageError
 
 LOSS_TIMESTEPS = 10
@@ -22,11 +22,16 @@ class Validation:
         self.held_out_indices: list[int] | None = None
 
     @torch.no_grad()
-    def loss(self, model: torch.nn.Module, noise_scheduler) -> float:
-        """The training objective at fixed timesteps and noise (see `likelihood.heldout_loss`)."""
-        result = heldout_loss(model, noise_scheduler, self.images, LOSS_TIMESTEPS, seed=0, batch_size=self.batch_size)
-        self.results |= {"loss": result["loss"], "loss_stderr": result["loss_stderr"]}
-        return result["loss"]
+    def loss(self, model: torch.nn.Module, noise_scheduler) -> dict:
+        """The training objective at fixed timesteps and noise (see `likelihood.heldout_loss`), over all timesteps
+        and over the noisier half, where a sample's shapes form."""
+        measured = {}
+        for key, first in (("loss", 0), ("loss_high_noise", high_noise_from(noise_scheduler))):
+            result = heldout_loss(model, noise_scheduler, self.images, LOSS_TIMESTEPS, seed=0,
+                                  batch_size=self.batch_size, first_timestep=first)  # fmt: skip
+            measured |= {key: result["loss"], f"{key}_stderr": result["loss_stderr"]}
+        self.results |= measured
+        return measured
 
     @torch.no_grad()
     def bits_per_dim(self, model: torch.nn.Module, noise_scheduler) -> dict:
@@ -45,9 +50,10 @@ class Validation:
         """Measure the held-out loss (in eval mode, under the run's autocast) and log it."""
         model.eval()
         with accelerator.autocast():
-            loss = self.loss(model, noise_scheduler)
+            measured = self.loss(model, noise_scheduler)
         model.train()
-        accelerator.log({"validation_loss": loss}, step=step)
+        logs = {"validation_loss": measured["loss"], "validation_loss_high_noise": measured["loss_high_noise"]}
+        accelerator.log(logs, step=step)
 
     def log_bits_per_dim(self, model: torch.nn.Module, noise_scheduler, accelerator, step: int) -> dict:
         """Measure the held-out bits/dim (in eval mode, under the run's autocast), log it and return it."""

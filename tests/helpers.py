@@ -124,3 +124,33 @@ def assert_same_weights(run_a: Path, run_b: Path, folders: tuple[str, ...]) -> N
         b = load_file(run_b / folder / "diffusion_pytorch_model.safetensors")
         assert a.keys() == b.keys(), folder
         assert all(torch.equal(a[key], b[key]) for key in a), folder
+
+
+SPLITS_CARD = """---
+configs:
+- config_name: default
+  data_files:
+{files}
+---
+"""
+
+
+def write_pets_copy(folder: Path, splits: dict[str, list[str]], seed: int) -> Path:
+    """A local dataset folder shaped like the offline Pets copies: PNG images with their file names, per split."""
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    rng = np.random.default_rng(seed)
+    (folder / "data").mkdir(parents=True)
+    for split, names in splits.items():
+        images = []
+        for _ in names:
+            pixels = (rng.random((32, 32, 3)) * 255).astype("uint8")
+            Image.fromarray(pixels).save(folder / "tmp.png")
+            images.append({"bytes": (folder / "tmp.png").read_bytes(), "path": None})
+        table = Dataset.from_dict({"image": images, "file_name": names}).cast_column("image", ImageFeature())
+        table.to_parquet(folder / "data" / f"{split}-00000.parquet")
+    (folder / "tmp.png").unlink()
+    files = "\n".join(f"  - split: {split}\n    path: data/{split}-*.parquet" for split in splits)
+    (folder / "README.md").write_text(SPLITS_CARD.format(files=files))
+    return folder

@@ -129,14 +129,14 @@ def test_a_gloo_group_that_cannot_connect_falls_back_to_the_runs_own_waits_on_ev
     result = launch(flags, processes=2, env=with_sitecustomize(tmp_path, FAILING_GLOO_GROUP), check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "No gloo group for long waits (RuntimeError: Connection refused" in result.stderr
-    assert "No gloo group for long waits (it failed on another process)" in result.stderr  # rank 0 agrees
+    assert result.stderr.count("No gloo group for long waits") == 2  # rank 0 falls back too: both wait alike
     assert json.loads((output / "train_summary.json").read_text())["global_step"] == 2
 
 
 def test_the_largest_seed_trains_on_two_processes_each_with_its_own_noise(tmp_path):
     data = make_image_folder(tmp_path / "images", count=8)
     config = write_tiny_config(tmp_path / "tiny.json")
-    flags = tiny_training_args(data, config, tmp_path / "run", seed=2**32 - 1)
+    flags = tiny_training_args(data, config, tmp_path / "run", "--validation_images", "2", seed=2**32 - 1)
     first, second = probe(tmp_path, "largest-seed", flags)  # rank 1's noise seed wraps round to 0
     assert first["seed"] == second["seed"] == 2**32 - 1 and first["x_t"] != second["x_t"]
 

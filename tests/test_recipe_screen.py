@@ -7,37 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-from datasets import Dataset, Image
+from datasets import Dataset
 from PIL import Image as PILImage
 
-from .helpers import ROOT, write_tiny_config
-
-SPLITS_CARD = """---
-configs:
-- config_name: default
-  data_files:
-{files}
----
-"""
-
-
-def write_pets_copy(folder: Path, splits: dict[str, list[str]], seed: int) -> Path:
-    """A local dataset folder shaped like the offline Pets copies: PNG images with their file names, per split."""
-    rng = np.random.default_rng(seed)
-    (folder / "data").mkdir(parents=True)
-    for split, names in splits.items():
-        images = []
-        for _ in names:
-            pixels = (rng.random((32, 32, 3)) * 255).astype("uint8")
-            PILImage.fromarray(pixels).save(folder / "tmp.png")
-            images.append({"bytes": (folder / "tmp.png").read_bytes(), "path": None})
-        table = Dataset.from_dict({"image": images, "file_name": names}).cast_column("image", Image())
-        table.to_parquet(folder / "data" / f"{split}-00000.parquet")
-    (folder / "tmp.png").unlink()
-    files = "\n".join(f"  - split: {split}\n    path: data/{split}-*.parquet" for split in splits)
-    (folder / "README.md").write_text(SPLITS_CARD.format(files=files))
-    return folder
+from .helpers import ROOT, write_pets_copy, write_tiny_config
 
 
 def test_the_pets20_stage_screens_in_pairs_and_compares_by_samples_and_high_noise_loss(tmp_path):

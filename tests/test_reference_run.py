@@ -11,7 +11,7 @@ from PIL import Image
 
 from pets_diffusion import PetsUNet2DModel
 
-from .helpers import ROOT, launch, make_image_folder, write_tiny_config
+from .helpers import ROOT, launch, make_image_folder, write_pets_copy, write_tiny_config
 
 
 def test_the_lease_command_trains_for_its_budget_chooses_the_ema_then_draws_and_measures(tmp_path):
@@ -56,25 +56,33 @@ def test_the_lease_command_trains_for_its_budget_chooses_the_ema_then_draws_and_
 
 
 def test_the_cpu_pets_command_trains_in_two_resumed_pieces_then_draws_and_measures(tmp_path):
-    data = make_image_folder(tmp_path / "images", count=16, size=(16, 16))
+    faithful = [f"pet_{index}.jpg" for index in range(12)]
+    data = write_pets_copy(tmp_path / "pets", {"train": faithful}, seed=0)
+    full = write_pets_copy(tmp_path / "pets-full", {"train": [*faithful, "pet_12.jpg"],
+                                                    "stretched_unsquashed": ["pet_13.jpg"]}, seed=1)  # fmt: skip
     config = write_tiny_config(tmp_path / "tiny.json")
     out = tmp_path / "pets"
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "FULL": str(full),
+           "VALIDATION_IMAGES": "4", "PLAN": "16s"}  # fmt: skip
     toy = ["--model_config_name_or_path", str(config), "--resolution", "16", "--train_batch_size", "4",
-           "--validation_images", "4", "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "10",
+           "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "10", "--validation_steps", "2",
            "--validation_bpd_timesteps", "3", "--checkpointing_steps", "2", "--save_images_steps", "2"]  # fmt: skip
-    command = ["bash", str(ROOT / "benchmarks" / "cpu_pets.sh"), str(data), str(out), "4s", *toy]
-    steps, minutes = [], []
+    command = ["bash", str(ROOT / "benchmarks" / "cpu_pets.sh"), str(data), str(out), "8s", *toy]
+    steps, minutes, fractions = [], [], []
     for piece in (1, 2):
         result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         summary = json.loads((out / "report" / "reference_summary.json").read_text())
         steps.append(summary["optimizer_steps"])
         minutes.append(summary["run_minutes"])
+        fractions.append(json.loads((out / "run" / "train_summary.json").read_text())["lr_schedule"]["fraction"])
         assert summary["stopped_by_time_budget"] is True
         assert ("Resumed from" in (out / "train.log").read_text()) == (piece == 2)
     assert steps[1] > steps[0] > 0  # the second piece trained on from the first's checkpoint
     assert minutes[1] > minutes[0] > 0  # the run's minutes add up over its pieces
+    assert 0.45 < fractions[0] < 0.8 and fractions[1] == 1.0  # the 16-second plan ends where the second piece does
+    assert summary["heldout_loss_high_noise"] > 0 and summary["progress"]["high_noise"]
+    assert summary["train_images"] == 14 - 4  # the full copy less the held-out photos
     grids = summary["progress"]["grids"]
     assert [grid["step"] for grid in grids] == sorted(grid["step"] for grid in grids) and grids[-1]["step"] == steps[1]
     assert [grid["minutes"] for grid in grids] == sorted(grid["minutes"] for grid in grids)
@@ -95,8 +103,8 @@ def test_the_cpu_pets_command_trains_in_two_resumed_pieces_then_draws_and_measur
     table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recipe_table.py"), str(out / "run")],
                            capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()  # fmt: skip
     cells = [cell.strip() for cell in table[2].strip("|").split("|")]  # the recipe table's row of this run
-    assert cells[:9] == ["run", "tiny", "images", "squaredcos_cap_v2", "0.001", "4", "epsilon", str(steps[1]),
-                         f"{steps[1] * 4:,}"]  # fmt: skip
+    assert cells[:9] == ["run", "tiny", "full.parquet", "squaredcos_cap_v2", "0.001 linear over 0.266667 min", "4",
+                         "epsilon", str(steps[1]), f"{steps[1] * 4:,}"]  # fmt: skip
 
 
 def test_the_cpu_pets_model_config_loads_and_trains_a_step(tmp_path):

@@ -230,3 +230,32 @@ def test_validation_dataset_validates_on_its_first_images_and_evaluate_finds_the
     report = json.loads((output / "evaluation.json").read_text())
     assert report["protocol"]["reference"] == str(held) and report["protocol"]["reference_images"] == 3
     assert report["metrics"]["bpd"] == pytest.approx(summary["validation"]["bpd"], rel=1e-6)
+
+
+def test_a_learning_rate_planned_over_time_reaches_its_lowest_where_the_second_resumed_piece_stops(workspace, tmp_path):
+    output = tmp_path / "planned"
+    common = ["--max_train_steps", "100000", "--checkpointing_steps", "100000", "--save_images_steps", "100000",
+              "--save_model_epochs", "100000", "--learning_rate", "1e-3", "--lr_scheduler", "linear",
+              "--max_train_time", "6s", "--resume_from_checkpoint", "latest"]  # fmt: skip
+    first = launch(tiny_training_args(workspace["data"], workspace["config"], output, *common,
+                                      "--lr_schedule_time", "12s"))  # fmt: skip
+    assert "--max_train_time spent" in first.stderr
+    plan = json.loads((output / "train_summary.json").read_text())["lr_schedule"]
+    assert plan["planned_s"] == 12.0 and 0.45 < plan["fraction"] < 0.8  # 6 s of 12, and the step it stopped at
+    assert plan["lr"] == pytest.approx(1e-3 * (1 - plan["fraction"]), abs=0.05e-3)  # linear in the time spent
+    end_of_first = len(read_scalars(output / "logs", "lr"))
+    second = launch(tiny_training_args(workspace["data"], workspace["config"], output, *common))  # the plan kept
+    assert (
+        "Resuming the checkpoint's learning-rate plan" in second.stderr and "--lr_schedule_time spent" in second.stderr
+    )
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["lr_schedule"]["fraction"] == 1.0 and summary["stopped_by_time_budget"]
+    rates = [value for _, value in read_scalars(output / "logs", "lr")]
+    assert rates[-1] < 0.02e-3  # the lowest rate, where the second piece stopped
+    assert all(
+        later <= earlier for earlier, later in zip(rates[1:], rates[2:])
+    )  # falling all the way (after warm-up 0)
+    assert abs(rates[end_of_first] - rates[end_of_first - 1]) < 0.1e-3  # the second piece went on from the first's
+    refused = launch(tiny_training_args(workspace["data"], workspace["config"], output, *common,
+                                        "--lr_schedule_time", "1h"), check=False)  # fmt: skip
+    assert refused.returncode != 0 and "lr_schedule_time 12.0 -> 3600.0" in refused.stderr
