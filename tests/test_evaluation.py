@@ -212,7 +212,7 @@ def _unreadable_images(folder: Path) -> Path:
     ("case", "message"),
     [
         ("missing", "missing-folder"),
-        ("empty", "doesn't contain any data files; give a folder of images"),
+        ("empty", "holds no images or data files; give a folder of images"),
         ("unreadable", "no readable images"),
         ("learned", "the scheduler says learned_range but the model has no variance channels"),
         ("no-train-reference", "memorization needs the training images"),

@@ -36,13 +36,18 @@ def test_two_processes_without_a_seed_share_the_split_and_the_order_and_draw_the
     assert first["x_t"] != second["x_t"] and first["t"] != second["t"]
 
 
-def test_an_unseeded_two_process_run_resumes_with_its_recorded_seed_and_split(tmp_path):
+def unseeded_two_step_run(tmp_path):
+    """A two-process run without --seed, 4 of its 20 images held out, checkpointed at its last step (2)."""
     data = make_image_folder(tmp_path / "images", count=20)
-    config = write_tiny_config(tmp_path / "tiny.json")
     output = tmp_path / "run"
-    flags = tiny_training_args(data, config, output, "--validation_images", "4", "--save_images_steps", "100",
-                               "--checkpointing_steps", "2", seed=None)  # fmt: skip
+    flags = tiny_training_args(data, write_tiny_config(tmp_path / "tiny.json"), output, "--validation_images", "4",
+                               "--save_images_steps", "100", "--checkpointing_steps", "2", seed=None)  # fmt: skip
     launch([*flags, "--max_train_steps", "2"], processes=2)
+    return flags, output
+
+
+def test_an_unseeded_two_process_run_resumes_with_its_recorded_seed_and_split(tmp_path):
+    flags, output = unseeded_two_step_run(tmp_path)
     held_out = (output / "validation_images.json").read_text()
     seed = json.loads((output / "training_args.json").read_text())["seed"]
     assert isinstance(seed, int)  # the drawn seed is recorded
@@ -142,12 +147,7 @@ def test_the_largest_seed_trains_on_two_processes_each_with_its_own_noise(tmp_pa
 
 
 def test_a_checkpoint_saved_before_seeds_were_recorded_resumes_only_with_its_seed(tmp_path):
-    data = make_image_folder(tmp_path / "images", count=20)
-    config = write_tiny_config(tmp_path / "tiny.json")
-    output = tmp_path / "run"
-    flags = tiny_training_args(data, config, output, "--validation_images", "4", "--save_images_steps", "100",
-                               "--checkpointing_steps", "2", seed=None)  # fmt: skip
-    launch([*flags, "--max_train_steps", "2"], processes=2)
+    flags, output = unseeded_two_step_run(tmp_path)
     seed = json.loads((output / "training_args.json").read_text())["seed"]
     held_out = json.loads((output / "validation_images.json").read_text())["held_out_indices"]
     # As an older version saved it: no seed in the checkpoint's manifest, none in training_args.json.

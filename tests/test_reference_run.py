@@ -104,7 +104,7 @@ def test_the_cpu_pets_command_trains_in_two_resumed_pieces_then_draws_and_measur
                            capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()  # fmt: skip
     cells = [cell.strip() for cell in table[2].strip("|").split("|")]  # the recipe table's row of this run
     assert cells[:9] == ["run", "tiny", "full.parquet", "squaredcos_cap_v2", "0.001 linear over 0.266667 min", "4",
-                         "epsilon", str(steps[1]), f"{steps[1] * 4:,}"]  # fmt: skip
+                         "epsilon, min-SNR γ 5", str(steps[1]), f"{steps[1] * 4:,}"]  # fmt: skip
 
 
 def test_the_cpu_pets_model_config_loads_and_trains_a_step(tmp_path):
