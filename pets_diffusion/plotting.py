@@ -11,29 +11,29 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 
-def scalar_events(log_dir: str | Path, tag: str) -> list[list]:
-    """The `tag` events (step, value, wall_time) of each event file under `log_dir`, oldest file first: one
-    list per training process, so a resumed run has one per piece."""
+def scalar_events(log_dir: str | Path, tag: str) -> list[tuple[float, list]]:
+    """The `tag` events (step, value, wall_time) of each event file under `log_dir`, oldest file first, with the
+    file's first timestamp (when its process set up its trackers): one per training process, so a resumed run has
+    one per piece."""
     pieces = []
     for events in sorted(Path(log_dir).rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
         if tag in accumulator.Tags()["scalars"]:
-            pieces.append(accumulator.Scalars(tag))
+            pieces.append((accumulator.FirstEventTimestamp(), accumulator.Scalars(tag)))
     return pieces
 
 
 def read_scalars(log_dir: str | Path, tag: str = "loss") -> list[tuple[int, float]]:
     """All (step, value) pairs of `tag` in every event file under `log_dir`; later files win a step."""
-    return sorted({event.step: event.value for piece in scalar_events(log_dir, tag) for event in piece}.items())
+    return sorted({event.step: event.value for _, piece in scalar_events(log_dir, tag) for event in piece}.items())
 
 
 def run_minutes(log_dir: str | Path) -> dict[int, float]:
-    """Minutes of running at each logged step, summed over the run's pieces: each piece counts from its own
-    first step, so the time between pieces (and before a piece's first step) is left out."""
+    """Minutes of running at each logged step, summed over the run's pieces: each piece counts from its start (when
+    it set up its trackers), so its first step counts too and only the time between pieces is left out."""
     minutes, offset = {}, 0.0
-    for piece in scalar_events(log_dir, "loss"):
-        start = piece[0].wall_time
+    for start, piece in scalar_events(log_dir, "loss"):
         minutes.update({event.step: offset + (event.wall_time - start) / 60 for event in piece})
         offset = minutes[piece[-1].step]
     return minutes

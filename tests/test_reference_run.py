@@ -63,11 +63,11 @@ def test_the_cpu_pets_command_trains_in_two_resumed_pieces_then_draws_and_measur
     config = write_tiny_config(tmp_path / "tiny.json")
     out = tmp_path / "pets"
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "FULL": str(full),
-           "VALIDATION_IMAGES": "4", "PLAN": "16s"}  # fmt: skip
+           "VALIDATION_IMAGES": "4", "PLAN": "24s"}  # fmt: skip
     toy = ["--model_config_name_or_path", str(config), "--resolution", "16", "--train_batch_size", "4",
            "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "10", "--validation_steps", "2",
            "--validation_bpd_timesteps", "3", "--checkpointing_steps", "2", "--save_images_steps", "2"]  # fmt: skip
-    command = ["bash", str(ROOT / "benchmarks" / "cpu_pets.sh"), str(data), str(out), "8s", *toy]
+    command = ["bash", str(ROOT / "benchmarks" / "cpu_pets.sh"), str(data), str(out), "12s", *toy]
     steps, minutes, fractions = [], [], []
     for piece in (1, 2):
         result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
@@ -80,7 +80,7 @@ def test_the_cpu_pets_command_trains_in_two_resumed_pieces_then_draws_and_measur
         assert ("Resumed from" in (out / "train.log").read_text()) == (piece == 2)
     assert steps[1] > steps[0] > 0  # the second piece trained on from the first's checkpoint
     assert minutes[1] > minutes[0] > 0  # the run's minutes add up over its pieces
-    assert 0.45 < fractions[0] < 0.8 and fractions[1] == 1.0  # the 16-second plan ends where the second piece does
+    assert 0.45 < fractions[0] < 0.8 and fractions[1] == 1.0  # the 24-second plan ends where the second piece does
     assert summary["heldout_loss_high_noise"] > 0 and summary["progress"]["high_noise"]
     assert summary["train_images"] == 14 - 4  # the full copy less the held-out photos
     grids = summary["progress"]["grids"]
@@ -103,7 +103,7 @@ def test_the_cpu_pets_command_trains_in_two_resumed_pieces_then_draws_and_measur
     table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recipe_table.py"), str(out / "run")],
                            capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()  # fmt: skip
     cells = [cell.strip() for cell in table[2].strip("|").split("|")]  # the recipe table's row of this run
-    assert cells[:9] == ["run", "tiny", "full.parquet", "squaredcos_cap_v2", "0.001 linear over 0.266667 min", "4",
+    assert cells[:9] == ["run", "tiny", "full.parquet", "squaredcos_cap_v2", "0.001 linear over 0.4 min", "4",
                          "epsilon, min-SNR γ 5", str(steps[1]), f"{steps[1] * 4:,}"]  # fmt: skip
 
 
