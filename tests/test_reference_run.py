@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 
@@ -107,14 +108,16 @@ def test_the_cpu_pets_command_trains_in_two_resumed_pieces_then_draws_and_measur
                          "epsilon, min-SNR γ 5", str(steps[1]), f"{steps[1] * 4:,}"]  # fmt: skip
 
 
-def test_the_cpu_pets_model_config_loads_and_trains_a_step(tmp_path):
+@pytest.mark.parametrize(("name", "widths", "millions"), [("small-32px", [64, 128, 256], 12.3),
+                                                        ("narrow-32px", [32, 64, 128], 3.0)])  # fmt: skip
+def test_the_cpu_pets_model_configs_load_and_train_a_step(tmp_path, name, widths, millions):
     data = make_image_folder(tmp_path / "images", count=4, size=(40, 40))
     output = tmp_path / "run"
-    config = ROOT / "benchmarks" / "configs" / "small-32px.json"
+    config = ROOT / "benchmarks" / "configs" / f"{name}.json"
     launch(["--train_data_dir", str(data), "--model_config_name_or_path", str(config), "--resolution", "32",
             "--output_dir", str(output), "--train_batch_size", "2", "--max_train_steps", "1", "--lr_warmup_steps", "0",
             "--save_images_steps", "100", "--checkpointing_steps", "100", "--seed", "0"])  # fmt: skip
     unet = PetsUNet2DModel.from_pretrained(output, subfolder="unet")
-    assert unet.config.sample_size == 32 and list(unet.config.block_out_channels) == [64, 128, 256]
-    assert round(unet.num_parameters() / 1e6, 1) == 12.3
+    assert unet.config.sample_size == 32 and list(unet.config.block_out_channels) == widths
+    assert round(unet.num_parameters() / 1e6, 1) == millions
     assert json.loads((output / "train_summary.json").read_text())["global_step"] == 1
