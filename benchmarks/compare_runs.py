@@ -10,8 +10,9 @@ timesteps and noise, so differences against the first run are paired: their stan
 of the per-image differences. The high-noise loss is the held-out loss over timesteps t >= 500 of 1,000
 (T/2, or `--high-noise-from`), where a sample's shapes form. Runs at another resolution than the first are
 measured but not paired (bits/dim is per dimension of each size). Writes OUT/compare.json,
-OUT/<run>-ddpm-<steps>.png (16 samples from the same noise), with --sheet OUT/sheet.png (64 DPM-Solver++
-samples of each run in 25 steps, seed 0, labelled) and prints a table.
+OUT/<run>-ddpm-<steps>.png (16 samples from the same noise; <run> is the folder's name, with its parent's
+when two runs share one), with --sheet OUT/sheet.png (64 DPM-Solver++ samples of each run in 25 steps, seed 0,
+labelled) and prints a table.
 """
 
 import argparse
@@ -19,6 +20,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from diffusers import DDPMScheduler
 from PIL import Image, ImageDraw, ImageFont
 
@@ -42,11 +44,9 @@ def main() -> None:
     parser.add_argument("--sheet", action="store_true", help="Draw OUT/sheet.png: each run's 64 samples, labelled.")
     options = parser.parse_args()
     options.out.mkdir(parents=True, exist_ok=True)
-    held = [json.loads((run / "validation_images.json").read_text()) for run in options.runs]
-    if any(record != held[0] for record in held):
-        raise SystemExit("the runs held out different images; compare runs with the same --validation_images and seed")
-    rows, grids = [], []
-    for run in options.runs:
+    check_same_held_out_images(options.runs, options.pipeline)
+    rows, grids, names = [], [], run_names(options.runs)
+    for run, name in zip(options.runs, names):
         folder = run / options.pipeline
         unet = PetsUNet2DModel.from_pretrained(folder, subfolder="unet").eval()
         scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
@@ -68,13 +68,13 @@ def main() -> None:
         })  # fmt: skip
         for steps in [int(text) for text in options.grids.split(",") if text.strip()]:
             images = sampling.sample(unet, sampling.make_scheduler("ddpm", scheduler.config), 16, steps, seed=0)
-            sampling.grid(images).save(options.out / f"{run.name}-ddpm-{steps}.png")
+            sampling.grid(images).save(options.out / f"{name}-ddpm-{steps}.png")
         if options.sheet:
             dpm = sampling.make_scheduler("dpmsolver", scheduler.config)
             steps = min(25, scheduler.config.num_train_timesteps - 1)  # 25 unless a toy schedule has fewer
             grids.append(sampling.grid(sampling.sample(unet, dpm, 64, steps, seed=0, batch_size=64)))
     if options.sheet:
-        labelled_sheet([Path(row["run"]).name for row in rows], grids).save(options.out / "sheet.png")
+        labelled_sheet(names, grids, columns=min(4, len(grids))).save(options.out / "sheet.png")
     for row in rows:
         paired = row["resolution"] == rows[0]["resolution"]
         difference = paired_difference(row["bound"], rows[0]["bound"]) if paired else (None, None)
@@ -97,6 +97,24 @@ def main() -> None:
         row["bound"] = {key: value for key, value in row["bound"].items() if key != "bpd_per_image"}
         row["high_noise"] = {key: value for key, value in row["high_noise"].items() if key != "loss_per_image"}
     (options.out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def check_same_held_out_images(runs: list[Path], pipeline: str) -> None:
+    """Refuse runs whose held-out pixels differ, whatever their records' paths (two OUT folders of cpu_pets.sh
+    hold the same Parquet file at two paths); compared at the first run's resolution."""
+    resolution = PetsUNet2DModel.load_config(runs[0] / pipeline, subfolder="unet")["sample_size"]
+    first, *others = (RunImages(run, "heldout", resolution).as_floats() for run in runs)
+    if any(images.shape != first.shape or not torch.equal(images, first) for images in others):
+        raise SystemExit("the runs held out different images; compare runs with the same --validation_images and "
+                         "seed, or the same --validation_dataset")  # fmt: skip
+
+
+def run_names(runs: list[Path]) -> list[str]:
+    """Each run's folder name, or its parent's and its own (`cpu-pets-3-run`) when two runs share a name."""
+    names = [run.resolve().name for run in runs]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{run.resolve().parent.name}-{run.resolve().name}" for run in runs]
 
 
 def plus_minus(value: float | None, stderr: float | None, digits: int) -> str:

@@ -3,11 +3,13 @@ one-command GPU lease cannot rot."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from datasets import Dataset
 from PIL import Image
 
 from pets_diffusion import PetsUNet2DModel
@@ -106,6 +108,30 @@ def test_the_cpu_pets_command_trains_in_two_resumed_pieces_then_draws_and_measur
     cells = [cell.strip() for cell in table[2].strip("|").split("|")]  # the recipe table's row of this run
     assert cells[:9] == ["run", "tiny", "full.parquet", "squaredcos_cap_v2", "0.001 linear over 0.4 min", "4",
                          "epsilon, min-SNR γ 5", str(steps[1]), f"{steps[1] * 4:,}"]  # fmt: skip
+    compare_two_outs_of_the_same_data(out, tmp_path)
+
+
+def compare_two_outs_of_the_same_data(out, tmp_path):
+    """compare_runs.py pairs two runs from two OUT folders that hold out the same pixels at two paths, naming each
+    run's files apart though both folders are called `run`; it refuses a run that holds out other pixels."""
+    twin = tmp_path / "twin"
+    shutil.copytree(out / "data", twin / "data")
+    shutil.copytree(out / "run", twin / "run")
+    args = json.loads((twin / "run" / "training_args.json").read_text())
+    args["validation_dataset"] = str(twin / "data" / "heldout.parquet")
+    (twin / "run" / "training_args.json").write_text(json.dumps(args))
+    compare = [sys.executable, str(ROOT / "benchmarks" / "compare_runs.py"), str(out / "run"), str(twin / "run"),
+               "--out", str(tmp_path / "compare"), "--nll-timesteps", "3", "--grids", "2", "--sheet"]  # fmt: skip
+    result = subprocess.run(compare, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    assert second["high_noise_minus_first"] == 0 and second["bpd_minus_first"] == 0  # the same weights, paired
+    assert {path.name for path in (tmp_path / "compare").glob("*-ddpm-2.png")} == {"pets-run-ddpm-2.png",
+                                                                                   "twin-run-ddpm-2.png"}  # fmt: skip
+    others = Dataset.from_parquet(str(out / "data" / "full.parquet")).select(range(first["high_noise"]["num_images"]))
+    others.to_parquet(twin / "data" / "heldout.parquet")
+    result = subprocess.run(compare, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "the runs held out different images" in result.stderr
 
 
 @pytest.mark.parametrize(("name", "widths", "millions"), [("small-32px", [64, 128, 256], 12.3),
