@@ -536,6 +536,9 @@ class TrainLoop:
             if scores is not None and kept.get("bpd") is not None and scores["bpd"] > kept["bpd"]:
                 save_pipeline(unet, self.noise_scheduler, str(output_dir / LAST_PIPELINE))
                 self.kept_pipeline = {**kept, "last": {**record, "folder": LAST_PIPELINE}}
+                logger.info(f"Step {self.global_step}'s weights bound the held-out images at {scores['bpd']:.4f} "
+                            f"bits/dim, worse than the pipeline kept from step {kept['step']} ({kept['bpd']:.4f}): "
+                            f"saved to {LAST_PIPELINE}/, the pipeline in {output_dir} stays")  # fmt: skip
             else:
                 save_pipeline(unet, self.noise_scheduler, str(output_dir))
                 shutil.rmtree(output_dir / LAST_PIPELINE, ignore_errors=True)

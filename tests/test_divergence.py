@@ -155,9 +155,10 @@ def test_a_run_whose_last_save_scores_worse_keeps_the_best_pipeline_and_the_last
     # Three more steps at 1,000 times the learning rate, which wreck the weights (finite, unguarded; no EMA to
     # soften it): the last save scores worse.
     wreck = ["--lr_spike_at_step", "31", "--no-divergence_guard", "--resume_from_checkpoint", "latest"]
-    launch(tiny_training_args(images, workspace["config"], output, "--max_train_steps", "33", *common, *wreck))
+    result = launch(tiny_training_args(images, workspace["config"], output, "--max_train_steps", "33", *common, *wreck))
     summary = json.loads((output / "train_summary.json").read_text())
     kept = summary["pipeline"]
+    assert f"worse than the pipeline kept from step 30 ({kept['bpd']:.4f}): saved to {LAST_PIPELINE}/" in result.stderr
     assert kept["step"] == 30 and kept["bpd"] == best["bpd"] and kept["last"]["step"] == 33
     assert kept["last"]["bpd"] > kept["bpd"] and kept["last"]["folder"] == LAST_PIPELINE
     assert "the best save by held-out bits/dim" in kept["why"] and f"{LAST_PIPELINE}/" in kept["why"]
