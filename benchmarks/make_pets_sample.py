@@ -13,7 +13,9 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from datasets import Image, load_dataset
+from datasets import Image
+
+from pets_diffusion.data import load_dataset_folder
 
 PER_BREED = 4
 
@@ -23,7 +25,7 @@ def main() -> None:
     parser.add_argument("source", help="The oxford-pets-64 copy (its `train` split).")
     parser.add_argument("out", type=Path)
     options = parser.parse_args()
-    train = load_dataset(options.source, split="train").cast_column("image", Image(decode=False))
+    train = load_dataset_folder(options.source, "train").cast_column("image", Image(decode=False))
     by_breed = defaultdict(list)
     for index, (name, breed) in enumerate(zip(train["file_name"], train["label"])):
         by_breed[breed].append((name, index))

@@ -12,21 +12,21 @@ split holds the same 1,750 photos, byte for byte, in another order).
 import sys
 from pathlib import Path
 
-from datasets import concatenate_datasets, load_dataset
+from datasets import concatenate_datasets
 
-from pets_diffusion.data import hold_out
+from pets_diffusion.data import hold_out, load_dataset_folder
 
 
 def main() -> None:
     source, full, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     count = int(sys.argv[4]) if len(sys.argv) > 4 else 64
     out.mkdir(parents=True, exist_ok=True)
-    train = load_dataset(source, split="train")
+    train = load_dataset_folder(source, "train")
     _, _, held = hold_out(range(len(train)), count, seed=0)
     names = set(train.select(held)["file_name"])
     train.select(held).to_parquet(out / "heldout.parquet")
     train.filter(lambda name: name not in names, input_columns="file_name").to_parquet(out / "train1750.parquet")
-    clean = concatenate_datasets([load_dataset(full, split="train"), load_dataset(full, split="stretched_unsquashed")])
+    clean = concatenate_datasets([load_dataset_folder(full, split) for split in ("train", "stretched_unsquashed")])
     clean.filter(lambda name: name not in names, input_columns="file_name").to_parquet(out / "full.parquet")
 
 

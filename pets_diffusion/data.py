@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from datasets import Dataset, Image, load_dataset
+from datasets import Dataset, Image, load_dataset, load_dataset_builder
 from PIL import Image as PILImage
 from torchvision.transforms import v2
 
@@ -43,9 +43,10 @@ def load_image_dataset(
         dataset = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split=split)
     elif dataset_name is not None and dataset_name.endswith(".parquet"):
         dataset = load_dataset("parquet", data_files={split: dataset_name}, cache_dir=cache_dir, split=split)
+    elif os.path.isdir(dataset_name):
+        _check_holds(dataset_name, IMAGE_SUFFIXES + DATA_SUFFIXES, "images or data files")
+        dataset = load_dataset_folder(dataset_name, split, dataset_config_name, cache_dir)
     else:
-        if os.path.isdir(dataset_name):
-            _check_holds(dataset_name, IMAGE_SUFFIXES + DATA_SUFFIXES, "images or data files")
         dataset = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
     if image_column not in dataset.column_names:
         raise ValueError(
@@ -53,6 +54,20 @@ def load_image_dataset(
             "name the image column with --image_column."
         )
     return dataset.select_columns([image_column]).cast_column(image_column, Image(decode=False))
+
+
+def load_dataset_folder(
+    folder: str, split: str, config_name: str | None = None, cache_dir: str | None = None
+) -> Dataset:
+    """One split of a local dataset folder (a README's `configs:` over data files, as `push_to_hub` writes), all
+    columns.
+
+    `datasets` keys its cache of such a folder by the folder's name and README alone, so a folder rewritten in place,
+    or another of the same name, would load the rows cached first; passing the files the folder resolves to makes
+    the key cover their paths and modification times.
+    """
+    data_files = load_dataset_builder(folder, config_name, cache_dir=cache_dir).config.data_files
+    return load_dataset(folder, config_name, data_files=data_files, cache_dir=cache_dir, split=split)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

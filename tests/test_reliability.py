@@ -32,6 +32,7 @@ from .helpers import (
     make_odd_image_folder,
     make_workspace,
     tiny_training_args,
+    write_pets_copy,
     write_tiny_config,
 )
 
@@ -183,6 +184,24 @@ def test_broken_images_in_a_parquet_source_are_skipped(tmp_path):
     Dataset.from_dict({"image": rows}).cast_column("image", Image(decode=False)).to_parquet(tmp_path / "odd.parquet")
     images, skipped = prepare_images(load_image_dataset(str(tmp_path / "odd.parquet")), "image", 16)
     assert sorted(skipped) == sorted(broken) and len(images) == len(readable)
+
+
+def test_a_dataset_folder_rewritten_in_place_or_named_like_another_loads_its_own_images(tmp_path):
+    # `datasets` caches a README-configured folder under its name alone; the files must decide what loads.
+    def written(folder):
+        table = Dataset.from_parquet(str(folder / "data" / "train-00000.parquet"))
+        return [row["bytes"] for row in table.cast_column("image", Image(decode=False))["image"]]
+
+    def loaded(folder):
+        return [row["bytes"] for row in load_image_dataset(str(folder))["image"]]
+
+    first = write_pets_copy(tmp_path / "a" / "pets", {"train": ["p0.jpg", "p1.jpg"]}, seed=0)
+    assert loaded(first) == written(first) and len(written(first)) == 2
+    other = write_pets_copy(tmp_path / "b" / "pets", {"train": ["q0.jpg", "q1.jpg", "q2.jpg"]}, seed=1)
+    assert loaded(other) == written(other) and len(written(other)) == 3
+    shutil.rmtree(first)
+    write_pets_copy(first, {"train": ["r0.jpg", "r1.jpg", "r2.jpg", "r3.jpg"]}, seed=2)
+    assert loaded(first) == written(first) and len(written(first)) == 4
 
 
 def test_training_goes_on_past_broken_images_and_says_which(workspace, tmp_path):
