@@ -138,11 +138,11 @@ screen_data() {  # OUT/axes-data: the train split less 64 held-out images, the 6
 """The train split less 64 held-out images (seed 0), that plus the stretched split, the 64, two more configs."""
 import json, sys
 from pathlib import Path
-from datasets import concatenate_datasets, load_dataset
-from pets_diffusion.data import hold_out
+from datasets import concatenate_datasets
+from pets_diffusion.data import hold_out, load_dataset_folder
 source, out, config = sys.argv[1], Path(sys.argv[2]), json.loads(Path(sys.argv[3]).read_text())
 out.mkdir(parents=True, exist_ok=True)
-train, stretched = load_dataset(source, split="train"), load_dataset(source, split="stretched")
+train, stretched = load_dataset_folder(source, "train"), load_dataset_folder(source, "stretched")
 _, _, held = hold_out(range(len(train)), 64, seed=0)
 kept = train.select(sorted(set(range(len(train))) - set(held)))
 train.select(held).to_parquet(out / "heldout.parquet")
