@@ -59,12 +59,12 @@ def load_image_dataset(
 def load_dataset_folder(
     folder: str, split: str, config_name: str | None = None, cache_dir: str | None = None
 ) -> Dataset:
-    """One split of a local dataset folder (a README's `configs:` over data files, as `push_to_hub` writes), all
-    columns.
+    """One split of a local dataset folder (images, or data files under a README's `configs:` as `push_to_hub`
+    writes them), all columns.
 
-    `datasets` keys its cache of such a folder by the folder's name and README alone, so a folder rewritten in place,
-    or another of the same name, would load the rows cached first; passing the files the folder resolves to makes
-    the key cover their paths and modification times.
+    `datasets` keys its cache of a README-configured folder by the folder's name and README alone, so one rewritten
+    in place, or another of the same name, would load the rows cached first; passing the files the folder resolves
+    to makes the key cover their paths and modification times.
     """
     data_files = load_dataset_builder(folder, config_name, cache_dir=cache_dir).config.data_files
     return load_dataset(folder, config_name, data_files=data_files, cache_dir=cache_dir, split=split)
