@@ -16,9 +16,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from pets_diffusion import PetsUNet2DModel
-from pets_diffusion.allocator import retain_freed_memory
-from pets_diffusion.hardware import describe_cpu
-from pets_diffusion.layout import preferred_memory_format
+from pets_diffusion.hardware import describe_cpu, preferred_memory_format, retain_freed_memory
 from pets_diffusion.likelihood import bits_per_dim, heldout_loss
 from pets_diffusion.objective import diffusion_loss
 

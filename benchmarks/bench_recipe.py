@@ -22,9 +22,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from pets_diffusion import PetsUNet2DModel
-from pets_diffusion.allocator import retain_freed_memory
-from pets_diffusion.hardware import describe_cpu
-from pets_diffusion.layout import preferred_memory_format
+from pets_diffusion.hardware import describe_cpu, preferred_memory_format, retain_freed_memory
 from pets_diffusion.objective import DiffusionTerms, diffusion_loss
 from pets_diffusion.posthoc_ema import PowerFunctionEMA
 

@@ -24,9 +24,7 @@ from diffusers import UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from pets_diffusion import PetsUNet2DModel
-from pets_diffusion.allocator import retain_freed_memory
-from pets_diffusion.hardware import describe_cpu
-from pets_diffusion.layout import preferred_memory_format
+from pets_diffusion.hardware import describe_cpu, preferred_memory_format, retain_freed_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

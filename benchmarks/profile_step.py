@@ -35,7 +35,7 @@ from bench_unet import (
 )
 from torch.profiler import ProfilerActivity, profile
 
-from pets_diffusion.allocator import retain_freed_memory
+from pets_diffusion.hardware import retain_freed_memory
 
 
 def main() -> None:

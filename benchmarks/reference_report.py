@@ -34,12 +34,13 @@ from diffusers import DDPMScheduler
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pets_diffusion.plotting import plot_progress, read_scalars, run_minutes, run_progress  # noqa: E402
+
 from pets_diffusion import PetsUNet2DModel, sampling  # noqa: E402
 from pets_diffusion.data import evaluation_tensor  # noqa: E402
 from pets_diffusion.evaluation import ImageTensors, RunImages  # noqa: E402
 from pets_diffusion.likelihood import bits_per_dim, heldout_loss, high_noise_from  # noqa: E402
 from pets_diffusion.memorization import memorization, nearest_picture  # noqa: E402
-from pets_diffusion.plotting import plot_progress, read_scalars, run_minutes, run_progress  # noqa: E402
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMPipeline, DDPMScheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
@@ -121,14 +120,24 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item())
 
 
-def prune_checkpoints(output_dir: str | Path, total_limit: int, protected: Path | None = None) -> None:
-    """Remove the oldest complete checkpoints beyond `total_limit`, never the newest nor `protected`."""
+def prune_checkpoints(
+    output_dir: str | Path, total_limit: int, protected: Path | None = None, keep_at_or_before: int | None = None
+) -> None:
+    """Remove the oldest complete checkpoints beyond `total_limit`, never the newest, nor `protected`, nor the newest
+    one saved at or before step `keep_at_or_before` (the one a divergence caught now would roll back to)."""
     checkpoints = complete_checkpoints(output_dir)
+    kept = {checkpoints[-1].resolve()} if checkpoints else set()
+    if protected is not None:
+        kept.add(protected.resolve())
+    limit = keep_at_or_before if keep_at_or_before is not None else -1
+    safe = [path for path in checkpoints if checkpoint_step(path) <= limit]
+    if safe:
+        kept.add(safe[-1].resolve())
     excess = len(checkpoints) - total_limit
-    for old in checkpoints[:-1]:
+    for old in checkpoints:
         if excess <= 0:
             break
-        if protected is None or old.resolve() != protected.resolve():
+        if old.resolve() not in kept:
             shutil.rmtree(old)
             excess -= 1
 
@@ -142,12 +151,16 @@ def save_checkpoint(
     shape: dict | None = None,
     expected_bytes: int = 0,
     wait_for_main_process: Callable[[], None] | None = None,
+    keep_at_or_before: int | None = None,
+    extra: dict | None = None,
 ) -> Path:
     """Save the full training state to `checkpoint-<step>`: written aside, a manifest last, then renamed into place.
 
     A crash while saving leaves a `.checkpoint-<step>.partial` folder that `latest` never picks. A full
     disk removes it, keeps every earlier checkpoint, and raises DiskFull on every process. `shape` (the
-    run's configuration) goes into the manifest, for resuming with the same one; `expected_bytes` is what
+    run's configuration) goes into the manifest, for resuming with the same one, and `extra` beside it (the
+    divergence guard's rollbacks); pruning keeps the newest checkpoint at or before `keep_at_or_before`
+    (`prune_checkpoints`); `expected_bytes` is what
     a first checkpoint will take (later ones are compared with the last one's size). The other processes
     wait for the main process's work alone (hashing every file, renaming, pruning) with
     `wait_for_main_process`, whose timeout is not the training collectives' (`components.MainProcessWait`).
@@ -173,7 +186,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and failure is None:
         try:
-            write_manifest(partial, {"step": step, "run": shape or {}})
+            write_manifest(partial, {"step": step, "run": shape or {}, **(extra or {})})
         except OSError as error:
             if not is_disk_full(error, Path(output_dir)):
                 raise
@@ -186,7 +199,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         partial.rename(final)
         if total_limit is not None:
-            prune_checkpoints(output_dir, total_limit, protected)
+            prune_checkpoints(output_dir, total_limit, protected, keep_at_or_before)
         logger.info(f"Saved {final}")
     wait_for_main_process()
     return final
@@ -236,32 +249,3 @@ def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None, post_ho
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
-
-
-def save_pipeline(unet: PetsUNet2DModel, noise_scheduler: DDPMScheduler, output_dir: str) -> None:
-    """Write `model_index.json`, `unet/` and `scheduler/` into output_dir, replacing any earlier ones whole.
-
-    Everything is written into a hidden staging folder first; a full disk removes it and raises DiskFull,
-    and the previous pipeline stays as it was. Each old folder is renamed aside before the new one moves in.
-    """
-    folder = Path(output_dir)
-    staging = folder / ".pipeline.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(staging)
-    except Exception as error:  # noqa: BLE001 - a full disk, however the writer reports it
-        if not is_disk_full(error, folder):
-            raise
-        needed = sum(parameter.numel() * parameter.element_size() for parameter in unet.parameters())
-        shutil.rmtree(staging, ignore_errors=True)
-        intact = "the previous pipeline is intact" if (folder / "model_index.json").is_file() else "nothing was lost"
-        raise out_of_space(folder, "the pipeline", needed, intact) from None
-    for name in ("unet", "scheduler"):
-        target, aside = folder / name, folder / f".{name}.old"
-        shutil.rmtree(aside, ignore_errors=True)
-        if target.exists():
-            target.rename(aside)
-        (staging / name).rename(target)
-        shutil.rmtree(aside, ignore_errors=True)
-    (staging / "model_index.json").replace(folder / "model_index.json")
-    staging.rmdir()

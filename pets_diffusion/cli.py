@@ -1,17 +1,17 @@
-"""The `pets-diffusion` command: train, sample, evaluate, ema, push, demo and plot-loss."""
+"""The `pets-diffusion` command: train, sample, guide, evaluate, ema, push, demo, plot-loss and train-classifier."""
 
 import argparse
 import importlib.util
 import sys
 from pathlib import Path
 
-from .options import OneLineParser, first_line, int_range, positive_int
+from .options import OneLineParser, first_line, float_range, int_range, positive_int
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # the training flags are train_unconditional.py's own, --help included
-        from .training import main as train_main
+        from .train import main as train_main
 
         return train_main(argv[1:], prog="pets-diffusion train")
     parser = build_parser()
@@ -44,6 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Also write the denoising trajectory (x_t, predicted x_0) of 4 samples.")  # fmt: skip
     sample.set_defaults(run=run_sample)
 
+    guide = commands.add_parser(
+        "guide", help="Give a pipeline a guide (a weaker model of the same kind) and the guidance it samples with."
+    )
+    guide.add_argument("model", type=Path, help="The pipeline folder (a training output) to guide.")
+    guide.add_argument("--from", dest="source", type=Path, default=None,
+                       help="The guide: a pipeline, checkpoint or UNet folder (default: the pipeline's own).")
+    guide.add_argument("--guidance-scale", type=float_range(0.0), required=True,
+                       help="W of D_guide + W (D_model - D_guide): 1 samples unguided.")  # fmt: skip
+    guide.add_argument("--guidance-interval", type=timestep_interval, default=None,
+                       help="LO,HI: guide only at timesteps LO..HI (default: at all).")  # fmt: skip
+    guide.set_defaults(run=run_guide)
+
     evaluate = commands.add_parser(
         "evaluate", help="Held-out bits/dim and loss, memorisation, FID/KID against a reference dataset."
     )
@@ -54,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "run MODEL held out (--validation_images), from its own data.")  # fmt: skip
     evaluate.add_argument("--image-column", default="image")
     evaluate.add_argument("--metrics", default="nll,loss",
-                          help="Comma-separated: nll, loss, memorization, fid, kid (default: %(default)s, "
-                               "which need no download).")  # fmt: skip
+                          help="Comma-separated: nll, loss, memorization, pet_fd (offline), fid, kid (which "
+                               "download Inception weights); default: %(default)s.")  # fmt: skip
     evaluate.add_argument("--num-images", type=positive_int, default=None,
                           help="Held-out images scored by nll and loss (default: all).")  # fmt: skip
     evaluate.add_argument("--nll-timesteps", type=positive_int, default=50,
@@ -116,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", type=Path)
     plot.add_argument("--out", type=Path, default=None, help="Default: RUN_DIR/loss_curve.png")
     plot.set_defaults(run=run_plot_loss)
+
+    classifier = commands.add_parser(
+        "train-classifier", help="Train the breed classifier whose features `evaluate --metrics pet_fd` measures in."
+    )
+    classifier.add_argument("data", help="Oxford-IIIT Pet images with their breeds (a `label` or `file_name` column).")
+    classifier.add_argument("--splits", default="train,stretched_unsquashed",
+                            help="The data's splits to train on, comma-separated (default: %(default)s).")  # fmt: skip
+    classifier.add_argument("--out", type=Path, required=True, help="Where to write the weights (.safetensors).")
+    classifier.add_argument("--epochs", type=positive_int, default=30)
+    classifier.add_argument("--seed", type=int, default=0)
+    classifier.set_defaults(run=run_train_classifier)
     return parser
 
 
@@ -125,8 +148,27 @@ DTYPE_HELP = (
 )
 
 
+def timestep_interval(text: str) -> tuple[int, int]:
+    """An argparse type: LO,HI, two timesteps with LO <= HI."""
+    try:
+        low, high = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LO,HI (two whole timesteps, e.g. 200,800)") from None
+    if not 0 <= low <= high:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= LO <= HI")
+    return low, high
+
+
 def _add_sampler_options(parser: argparse.ArgumentParser, default_dtype: str) -> None:
     parser.add_argument("model", help="A pipeline folder or a Hub repo id.")
+    parser.add_argument("--guide", default=None,
+                        help="Autoguidance: a weaker model of the same kind (a pipeline, checkpoint or UNet folder); "
+                             "default: the pipeline's own guide, if it has one.")  # fmt: skip
+    parser.add_argument("--guidance-scale", type=float_range(0.0), default=None,
+                        help="W of D_guide + W (D_model - D_guide); 1 samples unguided (default: the pipeline's own, "
+                             "else 1).")  # fmt: skip
+    parser.add_argument("--guidance-interval", type=timestep_interval, default=None,
+                        help="LO,HI: guide only at timesteps LO..HI (default: the pipeline's, else all).")  # fmt: skip
     parser.add_argument("--scheduler", default="dpmsolver", choices=["ddpm", "ddim", "dpmsolver"])
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="Default: 1000 (ddpm), 50 (ddim), 25 (dpmsolver).")  # fmt: skip
@@ -159,10 +201,31 @@ def run_sample(args) -> None:
         print(f"wrote {args.trajectory}")
 
 
+def run_guide(args) -> None:
+    import torch
+
+    from .pipeline_folder import GUIDE, attach_guide, load_unet, model_folder, set_guidance, unet_folder
+
+    folder = Path(model_folder(str(args.model)))
+    if args.source is None:
+        if not (folder / GUIDE / "config.json").is_file():
+            raise ValueError(f"{folder} has no guide yet: give one with --from GUIDE.")
+        set_guidance(folder, args.guidance_scale, args.guidance_interval)
+    else:
+        guide = load_unet(args.source, "cpu", torch.float32)
+        attach_guide(folder, guide, args.guidance_scale, args.guidance_interval)
+        print(f"copied the guide from {unet_folder(args.source)}")
+    interval = args.guidance_interval
+    interval = "" if interval is None else f", at timesteps {interval[0]}-{interval[1]}"
+    print(f"{folder} samples guided by {folder / GUIDE} at W {args.guidance_scale:g}{interval}")
+
+
 def run_evaluate(args) -> None:
     from .evaluation import evaluate
+    from .pipeline_folder import model_folder, weights_sha256
 
     unet, scheduler, steps = _load_sampler(args)
+    folder = model_folder(args.model)
     report_path = args.report or (Path(args.model) / "evaluation.json" if Path(args.model).is_dir() else None)
     if report_path is None:
         raise ValueError("give --report PATH for a Hub model")
@@ -174,6 +237,7 @@ def run_evaluate(args) -> None:
         num_inference_steps=steps, scheduler_name=args.scheduler, seed=args.seed, batch_size=args.batch_size,
         train_reference=train_reference, inception_weights=args.inception_weights, cache_dir=args.cache_dir,
         model_name=args.model, report_path=report_path, run_dir=Path(args.model) if Path(args.model).is_dir() else None,
+        weights_sha256=weights_sha256(folder),
     )  # fmt: skip
     for name, value in report["metrics"].items():
         print(f"{name}: {value:.6g}")
@@ -186,9 +250,10 @@ def run_demo(args) -> None:
     except ImportError as error:
         raise ValueError(f"the demo needs Gradio ({error}): pip install 'pets-diffusion[demo]'") from None
 
-    unet, folder = _load_unet(args.model, args.device, args.dtype)
+    unet, guide, folder = load_demo_model(args.model, args.device, args.dtype)
     config = sampling_scheduler_config(folder)
-    page = demo.build_demo(unet, config, f"pets-diffusion: {Path(args.model).name}", demo.card_facts(folder, unet))
+    facts = demo.card_facts(folder, unet)
+    page = demo.build_demo(unet, config, f"pets-diffusion: {Path(args.model).name}", facts, guide)
     demo.launch(page, args.host, args.port, args.share, args.max_queue)
 
 
@@ -221,7 +286,12 @@ def run_ema(args) -> None:
         raise ValueError(f"--sigma-rel {args.sigma_rel}: {first_line(error)}") from None
     if not sigma_rels:
         raise ValueError("--sigma-rel names no width; give e.g. 0.05,0.1")
-    unet, folder = _load_unet(str(args.run_dir), args.device, "float32")
+    import torch
+
+    from .pipeline_folder import load_unet, model_folder
+
+    folder = model_folder(str(args.run_dir))
+    unet = load_unet(folder, args.device or ("cuda" if torch.cuda.is_available() else "cpu"), torch.float32)
     heldout = RunImages(folder, "heldout", unet.config.sample_size).as_floats().to(unet.device)
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     result = ema_selection.choose(
@@ -233,8 +303,25 @@ def run_ema(args) -> None:
     print(f"wrote {Path(folder) / 'ema_sweep.json'}, ema_sweep.png and ema_grids.png")
 
 
+def run_train_classifier(args) -> None:
+    import json
+
+    from .data import breed_images
+    from .pet_features import INPUT_SIZE, save_classifier, train_classifier
+
+    images, labels, breeds = breed_images(args.data, args.splits.split(","), INPUT_SIZE)
+    print(f"{len(images)} images of {len(breeds)} breeds from {args.data}")
+    model, report = train_classifier(images, labels, epochs=args.epochs, seed=args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_classifier(model, args.out)
+    report |= {"data": str(args.data), "splits": args.splits, "seed": args.seed, "breeds": breeds}
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')}: held-out breed accuracy "
+          f"{report['held_out_breed_accuracy']:.3f}")  # fmt: skip
+
+
 def run_plot_loss(args) -> None:
-    from .plotting import plot_loss_curve
+    from .progress import plot_loss_curve
 
     out = args.out or args.run_dir / "loss_curve.png"
     logs = args.run_dir / "logs" if (args.run_dir / "logs").is_dir() else args.run_dir
@@ -242,10 +329,12 @@ def run_plot_loss(args) -> None:
 
 
 def _load_sampler(args):
-    """The UNet (on --device, in --dtype), the --scheduler built from the model's config, and the step count."""
+    """The model (guided as the options or the pipeline say), the --scheduler from its config, and the step count."""
     from . import sampling
+    from .pipeline_folder import load_sampling_model
 
-    unet, folder = _load_unet(args.model, args.device, args.dtype)
+    unet, folder = load_sampling_model(args.model, args.device, args.dtype, args.guide, args.guidance_scale,
+                                       args.guidance_interval)  # fmt: skip
     config = sampling_scheduler_config(folder)
     most = sampling.max_steps(args.scheduler, config["num_train_timesteps"])
     steps = args.steps or min(sampling.DEFAULT_STEPS[args.scheduler], most)
@@ -254,44 +343,25 @@ def _load_sampler(args):
     return unet, sampling.make_scheduler(args.scheduler, config), steps
 
 
-def _load_unet(model: str, device: str | None, dtype: str):
-    """The UNet of a pipeline folder or Hub repo, on `device` in `dtype` and its faster layout; and the folder."""
+def load_demo_model(model: str, device: str | None, dtype: str):
+    """The demo's UNet, its guide (a demo.Guide, or None) and the model's folder."""
     import torch
 
-    from .allocator import retain_freed_memory
-    from .hardware import auto_dtype
-    from .layout import preferred_memory_format
-    from .unet import PetsUNet2DModel
+    from .demo import Guide
+    from .pipeline_folder import GUIDE, guide_entries, load_unet, model_folder, sampling_dtype
 
-    folder = _model_folder(model)
+    folder = model_folder(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = auto_dtype(device) if dtype == "auto" else getattr(torch, dtype)
-    unet = PetsUNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype)
-    unet = unet.to(device, memory_format=preferred_memory_format(device)).eval()
-    if unet.device.type == "cpu":
-        retain_freed_memory()
-    return unet, folder
+    torch_dtype = sampling_dtype(device, dtype)
+    unet, settings = load_unet(folder, device, torch_dtype), guide_entries(Path(folder))
+    if not settings:
+        return unet, None, folder
+    interval = tuple(settings["guidance_interval"]) if settings.get("guidance_interval") else None
+    guide = Guide(load_unet(Path(folder) / GUIDE, device, torch_dtype), settings.get("guidance_scale", 1.0), interval)
+    return unet, guide, folder
 
 
 def sampling_scheduler_config(folder: str) -> dict:
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.load_config(folder, subfolder="scheduler")
-
-
-def _model_folder(model: str) -> str:
-    """A local pipeline folder as is; a Hub repo id downloaded (pipeline files only, no code is run)."""
-    if Path(model).is_dir():
-        if not (Path(model) / "unet" / "config.json").is_file():
-            raise FileNotFoundError(f"{model} holds no pipeline (no unet/config.json); train or download one first.")
-        return model
-    from huggingface_hub import snapshot_download
-
-    patterns = ["model_index.json", "scheduler/*.json", "unet/config.json", "unet/*.safetensors"]
-    try:
-        return snapshot_download(model, allow_patterns=patterns)
-    except Exception as error:  # noqa: BLE001 - huggingface_hub raises many kinds; all mean "not loadable"
-        raise FileNotFoundError(
-            f"{model} is neither a local pipeline folder nor a loadable Hub repo ({first_line(error)}); "
-            "check the path, or the repo id and the network."
-        ) from None

@@ -12,6 +12,8 @@ from datasets import Dataset, Image, load_dataset, load_dataset_builder
 from PIL import Image as PILImage
 from torchvision.transforms import v2
 
+from .interruption import ignore_stop_signals
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATASET = "pcuenq/oxford-pets"
@@ -255,3 +257,38 @@ def validation_dataset_images(name: str, image_column: str, cache_dir, resolutio
     """--validation_dataset's images: its train split, the first `count` of them (all when 0 or None)."""
     images, skipped = read_images(name, None, None, image_column, cache_dir, "train", resolution)
     return images[: count or None], skipped
+
+
+def make_dataloader(args, dataset: TrainingImages, seed: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """Batches in a seeded order per epoch (EpochSampler); no worker seed draws from the global RNG."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=EpochSampler(len(dataset), seed),
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=args.dataloader_num_workers,
+        worker_init_fn=ignore_stop_signals,
+        persistent_workers=args.dataloader_num_workers > 0,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def breed_images(source: str, splits: list[str], resolution: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Oxford-IIIT Pet images of a local dataset (its `label` column, or the breed in `file_name`:
+    `Abyssinian_12.jpg`) at `resolution`, centre-cropped, in [-1, 1]; their breed indices; the breed names."""
+    images, names = [], []
+    for split in splits:
+        if os.path.isdir(source):
+            dataset = load_dataset_folder(source, split)
+        else:
+            dataset = load_dataset("parquet", data_files={split: source}, split=split)
+        column = "label" if "label" in dataset.column_names else "file_name"
+        if column not in dataset.column_names:
+            raise ValueError(f"{source} ({split}) has neither a `label` nor a `file_name` column to read breeds from.")
+        for row in dataset.cast_column("image", Image(decode=False)):
+            images.append(decode_resized(row["image"], resolution))
+            names.append(row[column] if column == "label" else row[column].rsplit("_", 1)[0])
+    breeds = sorted(set(names))
+    labels = torch.tensor([breeds.index(name) for name in names])
+    return evaluation_tensor(images, resolution), labels, breeds
+

@@ -1,30 +1,42 @@
 """`pets-diffusion demo`: a Gradio page that generates pets and shows the denoising as it happens.
 
-The same model, seed, scheduler and steps give the same images as `pets-diffusion sample`
-(one batch of up to 16 images). One generation runs at a time; a bounded queue waits.
+The same model, seed, scheduler, steps and guidance give the same images as `pets-diffusion sample`
+(one batch of up to 16 images). A model with a guide gets a slider for the guidance scale W (1: unguided).
+One generation runs at a time; a bounded queue waits.
 """
 
 import random
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import gradio as gr
 import torch
 
 from . import sampling
-from .records import read_json
+from .guidance import AutoGuidedUNet
+from .storage import read_json
 
 MAX_IMAGES = 16
 MAX_SEED = 2**32 - 1
 PREVIEWS = 10  # x̂_0 is shown about this many times during one generation
+MAX_GUIDANCE = 5.0  # the guidance slider's top
+
+
+class Guide(NamedTuple):
+    """A weaker model to guide with, and the guidance the pipeline was given."""
+
+    unet: torch.nn.Module
+    scale: float
+    interval: tuple[int, int] | None
 
 
 class DemoSampler:
     """Generates images with one UNet and its scheduler config; checks its inputs."""
 
-    def __init__(self, unet: torch.nn.Module, scheduler_config):
-        self.unet, self.scheduler_config = unet, scheduler_config
+    def __init__(self, unet: torch.nn.Module, scheduler_config, guide: Guide | None = None):
+        self.unet, self.scheduler_config, self.guide = unet, scheduler_config, guide
         self.num_train_timesteps = scheduler_config["num_train_timesteps"]
         self.grids = tempfile.TemporaryDirectory(prefix="pets-diffusion-demo-")  # removed with the page
 
@@ -43,19 +55,28 @@ class DemoSampler:
             values.append(int(value))
         return values[0], values[1], values[2]
 
+    def model(self, guidance) -> torch.nn.Module:
+        """The UNet, guided at scale `guidance` where the model has a guide and the scale is not 1."""
+        if self.guide is None or guidance is None or float(guidance) == 1.0:
+            return self.unet
+        if not 0.0 <= float(guidance) <= MAX_GUIDANCE:
+            raise gr.Error(f"Guidance must be from 0 to {MAX_GUIDANCE:g}; got {guidance}.")
+        return AutoGuidedUNet(self.unet, self.guide.unet, float(guidance), self.guide.interval)
+
     @torch.no_grad()
-    def generate(self, count, seed, random_seed: bool, scheduler_name: str, steps) -> Iterator[tuple]:
+    def generate(self, count, seed, random_seed: bool, scheduler_name, steps, guidance=None) -> Iterator[tuple]:
         """Yield (preview of x̂_0, gallery, grid file, seed used, status) as the reverse process runs."""
         if random_seed:
             seed = random.randrange(MAX_SEED + 1)
         count, seed, steps = self.check(count, seed, scheduler_name, steps)
+        model = self.model(guidance)
         scheduler = sampling.make_scheduler(scheduler_name, self.scheduler_config)
         generator = torch.Generator().manual_seed(seed)
         noise = sampling.initial_noise(self.unet, count, generator)
         every = max(1, steps // PREVIEWS)
         sample = noise
         for index, timestep, sample_t, output, sample in sampling.reverse_process(  # noqa: B007 - the last is kept
-            self.unet, scheduler, noise, steps, generator
+            model, scheduler, noise, steps, generator
         ):
             if index % every == 0 and index < steps - 1:
                 x0 = sampling.predicted_original(scheduler, sample_t, output, timestep).clamp(-1, 1)
@@ -65,7 +86,8 @@ class DemoSampler:
         picture = sampling.grid(images)
         path = Path(self.grids.name) / f"pets-{count}-seed{seed}-{scheduler_name}{steps}.png"
         picture.save(path)
-        status = f"Done: {count} image(s), seed {seed}, {scheduler_name}, {steps} steps."
+        guided = f", guidance {float(guidance):g}" if model is not self.unet else ""
+        status = f"Done: {count} image(s), seed {seed}, {scheduler_name}, {steps} steps{guided}."
         yield picture, images, str(path), seed, status
 
 
@@ -88,9 +110,11 @@ def card_facts(folder: str | Path | None, unet: torch.nn.Module) -> str:
     return " · ".join(facts)
 
 
-def build_demo(unet: torch.nn.Module, scheduler_config, title: str, facts: str) -> gr.Blocks:
+def build_demo(
+    unet: torch.nn.Module, scheduler_config, title: str, facts: str, guide: Guide | None = None
+) -> gr.Blocks:
     """The page: settings, a Generate button, the live x̂_0 preview, the gallery and the grid to download."""
-    generator = DemoSampler(unet, scheduler_config)
+    generator = DemoSampler(unet, scheduler_config, guide)
     with gr.Blocks(title=title, delete_cache=(3600, 3600)) as demo:  # Gradio's copies of images: an hour
         gr.Markdown(f"# {title}\n{facts}")
         with gr.Row():
@@ -106,6 +130,9 @@ def build_demo(unet: torch.nn.Module, scheduler_config, title: str, facts: str) 
                 )
                 most = generator.num_train_timesteps
                 steps = gr.Slider(1, most, value=min(25, most - 1), step=1, label="Steps", elem_id="steps")
+                guidance = gr.Slider(1.0, MAX_GUIDANCE, value=guide.scale if guide else 1.0, step=0.1,
+                                     label="Guidance (W: 1 is unguided)", visible=guide is not None,
+                                     elem_id="guidance")  # fmt: skip
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 status = gr.Markdown("Press **Generate**.", elem_id="status")
@@ -119,7 +146,7 @@ def build_demo(unet: torch.nn.Module, scheduler_config, title: str, facts: str) 
         )
         button.click(
             generator.generate,
-            [count, seed, random_seed, scheduler, steps],
+            [count, seed, random_seed, scheduler, steps, guidance],
             [preview, gallery, download, seed, status],
             concurrency_limit=1,
         )

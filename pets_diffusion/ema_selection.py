@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from . import sampling
-from .checkpoints import save_pipeline
 from .likelihood import bits_per_dim, heldout_loss, paired_difference
+from .pipeline_folder import save_pipeline
 from .posthoc_ema import reconstruct, weights_restored
 
 DEFAULT_SIGMA_RELS = (0.03, 0.05, 0.10, 0.20)

@@ -1,4 +1,5 @@
-"""`pets-diffusion evaluate`: held-out bits/dim and loss, memorisation, and FID/KID (torch-fidelity)."""
+"""`pets-diffusion evaluate`: held-out bits/dim and loss, memorisation, the pet-feature Fréchet distance (offline), and
+FID/KID (torch-fidelity, which downloads Inception weights)."""
 
 import hashlib
 import json
@@ -16,11 +17,11 @@ from . import sampling
 from .data import evaluation_tensor, read_images, validation_dataset_images
 from .likelihood import bits_per_dim, heldout_loss
 from .memorization import memorization, nearest_picture
-from .records import read_json
+from .storage import read_json
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
-METRICS = ("nll", "loss", "memorization", "fid", "kid")  # the first three need no download
+METRICS = ("nll", "loss", "memorization", "pet_fd", "fid", "kid")  # the first four need no download
 
 
 class ImageTensors(torch.utils.data.Dataset):
@@ -198,6 +199,7 @@ def evaluate(
     model_name: str = "model",
     report_path: str | Path | None = None,
     run_dir: str | Path | None = None,
+    weights_sha256: str | None = None,
 ) -> dict:
     """Measure the model against held-out images (`reference`'s `split`); return (and write) the report.
 
@@ -214,13 +216,12 @@ def evaluate(
     recorded = run_dir is not None and (Path(run_dir) / "training_args.json").is_file()
     if "memorization" in metrics and train_reference is None and not recorded:
         raise ValueError("memorization needs the training images: give --train-reference DATA (and --train-split).")
+    needs_train = "memorization" in metrics or ("pet_fd" in metrics and (train_reference is not None or recorded))
     started = time.perf_counter()
     fidelity_metrics = [name for name in metrics if name in ("fid", "kid")]
     weights = inception_weights_path(inception_weights) if fidelity_metrics else None
     resolution = unet.config.sample_size
-    references, train = image_sets(
-        reference, split, image_column, resolution, train_reference, run_dir, "memorization" in metrics
-    )
+    references, train = image_sets(reference, split, image_column, resolution, train_reference, run_dir, needs_train)
     results, protocol = (
         {},
         {
@@ -231,18 +232,21 @@ def evaluate(
             "reference_skipped": len(references.skipped),
             "preprocessing": f"shorter side to {resolution}, centre crop {resolution}x{resolution}",
             "seed": seed,
+            **({"weights_sha256": weights_sha256} if weights_sha256 else {}),
         },
     )
     if "nll" in metrics or "loss" in metrics:
         heldout = references.as_floats(num_images, seed)
         protocol["heldout_images"] = len(heldout)
         results |= _score_heldout(unet, scheduler, heldout, metrics, nll_timesteps, seed, batch_size, protocol)
-    if "memorization" in metrics or fidelity_metrics:
+    if "memorization" in metrics or "pet_fd" in metrics or fidelity_metrics:
         samples = sampling.sample(unet, scheduler, num_samples, num_inference_steps, seed, batch_size, progress=True)
         protocol |= {"generated_images": len(samples), "sampler": scheduler_name, "steps": num_inference_steps}
     if "memorization" in metrics:
         picture = Path(report_path).with_name("memorization.png") if report_path is not None else None
         results |= _memorization(samples, references, train, picture, protocol)
+    if "pet_fd" in metrics:
+        results |= _pet_fd(samples, train or references, protocol)
     if fidelity_metrics:
         generated = ImageTensors(samples)
         results |= _fidelity(generated, references, fidelity_metrics, weights, cache_dir, batch_size,
@@ -291,6 +295,16 @@ def _memorization(samples, references, train_images, picture_path, protocol) -> 
         "distance": report["distance"],
     }
     return {key: report[key] for key in ("memorization_share", "median_sample_distance", "median_heldout_distance")}
+
+
+def _pet_fd(samples, references: ReferenceImages, protocol: dict) -> dict:
+    """The Fréchet distance in the pet classifier's features to `references` (the training images where known)."""
+    from .pet_features import WEIGHTS, pet_fd
+
+    result = pet_fd(evaluation_tensor(ImageTensors(samples), references.resolution), references.as_floats())
+    protocol |= {"pet_fd_reference": f"{references.source} ({references.split})", "pet_fd_reference_images":
+                 result["reference_images"], "pet_fd_classifier": WEIGHTS.name}  # fmt: skip
+    return {key: result[key] for key in ("pet_fd", "pet_fd_stderr", "pet_fd_real", "pet_fd_real_stderr")}
 
 
 def reference_cache_name(references: ReferenceImages, weights_sha256: str) -> str:

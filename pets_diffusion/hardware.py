@@ -1,4 +1,5 @@
-"""What this machine computes fast: whether its CPU (or GPU) runs bfloat16 matrix products natively.
+"""What this machine computes fast: bfloat16 where the chip runs it natively, the memory layout each device runs
+fastest in, and a CPU allocator that keeps freed activation memory for reuse.
 
 bf16 pays on a CPU only where the matrix units take it natively: Intel's AMX (Sapphire Rapids and
 later), AVX512-BF16 (Cooper Lake, AMD Zen 4 and later) and Arm's BF16 extension (Graviton 3,
@@ -6,7 +7,9 @@ Neoverse V1/N2, Apple M2 and later). Elsewhere oneDNN converts to fp32 and bf16 
 (benchmarks/README.md has the measurements). Also: where float64 arithmetic can run.
 """
 
+import ctypes
 import functools
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -57,6 +60,42 @@ def describe_cpu() -> str:
     """The CPU's model name and its bf16 kind, for benchmark headers: e.g. 'AMD EPYC (AVX512-BF16)'."""
     kind = bf16_cpu_instructions()
     return f"{_cpu_model_name() or platform.processor() or platform.machine()} ({kind or 'no native bf16'})"
+
+
+def preferred_memory_format(device: torch.device | str) -> torch.memory_format:
+    """Channels-last on CPU, contiguous elsewhere.
+
+    On CPU, oneDNN's convolutions want channels-last, and the attention's tokens become a free view;
+    on CUDA, contiguous trains and samples faster (both measured: benchmarks/RESULTS.md).
+    """
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
+def chosen_memory_format(channels_last: bool | None, device: torch.device | str) -> torch.memory_format:
+    """--channels_last/--no-channels_last when given, else the device's preferred layout."""
+    if channels_last is None:
+        return preferred_memory_format(device)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+# glibc's malloc serves large blocks with mmap and returns them (and the top of its heap) to the kernel when they are
+# freed. A UNet training step on CPU frees and reallocates gigabytes of activations, so every step would fault in and
+# zero the same pages again. Raising the mmap threshold to glibc's maximum and trimming only above 1 GiB keeps them.
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters, from glibc's malloc.h
+MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit (HEAP_MAX_SIZE / 2)
+TRIM_THRESHOLD = 1 << 30  # give the heap's free top back to the kernel only above 1 GiB
+TOP_PAD = 64 << 20  # grow the heap in 64 MiB steps rather than page by page
+
+
+def retain_freed_memory() -> bool:
+    """Tune glibc malloc to keep freed memory for reuse. Returns False (and changes nothing) off glibc."""
+    if os.name != "posix":
+        return False
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "gnu_get_libc_version"):  # macOS, musl: another allocator
+        return False
+    settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD))
+    return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
 
 
 @functools.cache

@@ -13,11 +13,14 @@ from huggingface_hub import DatasetCard, HfApi, ModelCard, ModelCardData, SpaceC
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from . import guidance as guidance_module
 from . import unet as unet_module
 from .data import DEFAULT_DATASET, is_local_dataset
+from .guidance import GUIDED_PIPELINE_MODULE
 from .objective import DEFAULT_VLB_WEIGHT, LEARNED_VARIANCE
 from .options import first_line
-from .records import read_json
+from .pipeline_folder import GUIDE, guide_entries, weights_sha256
+from .storage import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +31,23 @@ PIPELINE_FILES = (
     "unet/config.json",
     "unet/diffusion_pytorch_model.safetensors",
 )
+GUIDE_FILES = (f"{GUIDE}/config.json", f"{GUIDE}/diffusion_pytorch_model.safetensors")
 SAMPLES_IMAGE = "samples.png"
 LOSS_IMAGE = "loss_curve.png"
+CARD_SAMPLES = {"num_images": 16, "scheduler": "dpmsolver", "steps": 25, "seed": 0}  # drawn in float32, on the CPU
+
+
+def draw_card_samples(pipeline_dir: str | Path):
+    """The card's grid, drawn from the pipeline folder's own weights (guided as its model_index.json says) with
+    CARD_SAMPLES, in float32 on the CPU: the same pixels on any machine that draws them again."""
+    from . import sampling
+    from .pipeline_folder import load_sampling_model
+
+    unet, folder = load_sampling_model(str(pipeline_dir), "cpu", "float32")
+    config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = sampling.make_scheduler(CARD_SAMPLES["scheduler"], config)
+    images = sampling.sample(unet, scheduler, CARD_SAMPLES["num_images"], CARD_SAMPLES["steps"], CARD_SAMPLES["seed"])
+    return sampling.grid(images)
 
 
 class HubError(RuntimeError):
@@ -49,17 +67,19 @@ def export_for_hub(output_dir: str | Path, export_dir: str | Path, repo_id: str 
             f"{output_dir} holds no saved pipeline (missing {', '.join(missing)}); "
             "point at a train_unconditional.py --output_dir after its first model save."
         )
-    for name in PIPELINE_FILES[1:]:
+    guided = bool(guide_entries(output_dir))
+    files = PIPELINE_FILES[1:] + (GUIDE_FILES if guided else ())
+    for name in files:
         (export_dir / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(output_dir / name, export_dir / name)
-    shutil.copyfile(unet_module.__file__, export_dir / "unet" / f"{REMOTE_MODULE}.py")
     model_index = json.loads((output_dir / "model_index.json").read_text())
-    model_index["unet"] = [REMOTE_MODULE, "PetsUNet2DModel"]
+    for component in ("unet", GUIDE) if guided else ("unet",):
+        shutil.copyfile(unet_module.__file__, export_dir / component / f"{REMOTE_MODULE}.py")
+        model_index[component] = [REMOTE_MODULE, "PetsUNet2DModel"]
+    if guided:
+        shutil.copyfile(guidance_module.__file__, export_dir / f"{GUIDED_PIPELINE_MODULE}.py")
     (export_dir / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
-
-    samples = sorted((output_dir / "samples").glob("step-*.png"))
-    if samples:
-        shutil.copyfile(samples[-1], export_dir / SAMPLES_IMAGE)
+    draw_card_samples(export_dir).save(export_dir / SAMPLES_IMAGE)
     if (output_dir / LOSS_IMAGE).is_file():
         shutil.copyfile(output_dir / LOSS_IMAGE, export_dir / LOSS_IMAGE)
     render_model_card(output_dir, repo_id, export_dir).save(export_dir / "README.md")
@@ -82,9 +102,25 @@ def push_to_hub(
         return _commit_folder(HfApi(token=token), repo_id, staging, "model", private, revision, message)
 
 
-def export_space(model_repo_id: str, export_dir: str | Path, data: "TrainingData | None" = None) -> Path:
+def push_run(args, commit_message: str) -> None:
+    """Push a training run's saved pipeline at a save; a failed push is logged, the local output is kept."""
+    try:
+        repo_id = args.hub_model_id or Path(args.output_dir).name
+        if "/" not in repo_id:
+            repo_id = f"{HfApi(token=args.hub_token).whoami()['name']}/{repo_id}"
+        url = push_to_hub(args.output_dir, repo_id, args.hub_private_repo, None, commit_message, args.hub_token)
+        logger.info(f"Pushed to {url}")
+    except Exception as error:  # noqa: BLE001 - a push must never end the training run
+        message = str(error) if isinstance(error, HubError) else f"{type(error).__name__}: {first_line(error)}"
+        logger.error(f"Push to the Hub failed; the pipeline is saved in {args.output_dir}: {message}")
+
+
+def export_space(
+    model_repo_id: str, export_dir: str | Path, data: "TrainingData | None" = None, guided: bool = False
+) -> Path:
     """Write a Gradio Space that serves `model_repo_id`: app.py, the demo's modules, requirements.txt, README.
-    Its card gives the licence and subject of `data`, what the model was trained on (none when unknown).
+    Its card gives the licence and subject of `data`, what the model was trained on (none when unknown). A `guided`
+    model is loaded with its guide and the page gets a guidance slider.
 
     The Space needs no pets-diffusion release: it carries the demo's own modules (copied from this
     installed version into `pets_diffusion_demo/`, as the UNet's module travels with a model), so its
@@ -104,7 +140,9 @@ def export_space(model_repo_id: str, export_dir: str | Path, data: "TrainingData
     )
     for name in SPACE_MODULES:
         shutil.copyfile(Path(__file__).with_name(name), package / name)
-    (export_dir / "app.py").write_text(SPACE_APP.format(model=model_repo_id, package=SPACE_PACKAGE))
+    custom = f", custom_pipeline=\"{GUIDED_PIPELINE_MODULE}\"" if guided else ""
+    app = SPACE_APP.format(model=model_repo_id, package=SPACE_PACKAGE, custom_pipeline=custom)
+    (export_dir / "app.py").write_text(app)
     requirements = f"torch>=2.4\ndiffusers=={diffusers.__version__}\ngradio=={gradio.__version__}\n"
     (export_dir / "requirements.txt").write_text(requirements)
     card_data = SpaceCardData(
@@ -131,8 +169,9 @@ def push_space(
     say what data it learnt from); return the commit URL."""
     check_repo_id(space_id)
     data = training_data(read_json(Path(output_dir) / "training_args.json")) if output_dir is not None else None
+    guided = output_dir is not None and bool(guide_entries(Path(output_dir)))
     with tempfile.TemporaryDirectory(prefix="pets-diffusion-space-") as staging:
-        export_space(model_repo_id, staging, data)
+        export_space(model_repo_id, staging, data, guided)
         message = f"Serve {model_repo_id} with pets-diffusion's demo"
         return _commit_folder(HfApi(token=token), space_id, staging, "space", private, None, message)
 
@@ -164,21 +203,29 @@ def _commit_folder(api: HfApi, repo_id, folder, repo_type, private, revision, me
     return commit.commit_url
 
 
-SPACE_MODULES = ("objective.py", "sampling.py", "hardware.py", "records.py", "demo.py")  # demo.py and what it imports
+# demo.py and what it imports
+SPACE_MODULES = ("objective.py", "sampling.py", "guidance.py", "hardware.py", "storage.py", "demo.py")
 SPACE_PACKAGE = "pets_diffusion_demo"
 SPACE_APP = '''"""A Gradio Space for {model}: pets from an unconditional DDPM (pets-diffusion)."""
 
 import torch
-from diffusers import DDPMPipeline
+from diffusers import DiffusionPipeline
 
-from {package}.demo import build_demo, card_facts, launch
+from {package}.demo import Guide, build_demo, card_facts, launch
 from {package}.hardware import auto_dtype
 
 MODEL = "{model}"
-pipeline = DDPMPipeline.from_pretrained(MODEL, trust_remote_code=True)  # the UNet's code ships with the model
+# The UNet's code ships with the model, and so does the guided pipeline's where the model carries a guide.
+pipeline = DiffusionPipeline.from_pretrained(MODEL, trust_remote_code=True{custom_pipeline})
 device = "cuda" if torch.cuda.is_available() else "cpu"
-unet = pipeline.unet.to(device, auto_dtype(device)).eval()  # bf16 where the chip runs it natively
-demo = build_demo(unet, pipeline.scheduler.config, f"pets-diffusion: {{MODEL}}", card_facts(None, unet))
+dtype = auto_dtype(device)  # bf16 where the chip runs it natively
+unet = pipeline.unet.to(device, dtype).eval()
+guide = None
+if "guide" in pipeline.components:
+    interval = pipeline.config.guidance_interval
+    weaker = pipeline.guide.to(device, dtype).eval()
+    guide = Guide(weaker, pipeline.config.guidance_scale, tuple(interval) if interval else None)
+demo = build_demo(unet, pipeline.scheduler.config, f"pets-diffusion: {{MODEL}}", card_facts(None, unet), guide)
 launch(demo, host=None, port=None, share=False, max_queue=16)  # Gradio's own defaults, which Spaces set
 '''
 
@@ -223,6 +270,7 @@ def render_model_card(output_dir: str | Path, repo_id: str, export_dir: str | Pa
     levels = len(unet_config["block_out_channels"])
     bottleneck = unet_config["sample_size"] // 2**levels
     export_dir = Path(export_dir) if export_dir is not None else output_dir
+    guidance = guide_entries(output_dir)
     ema = "on" if args.get("use_ema", True) else "off"
     if args.get("use_ema", True) and "ema_max_decay" in args:
         ema = f"on (max decay {args['ema_max_decay']}, power {args['ema_power']}; the weights here are the EMA's)"
@@ -236,6 +284,12 @@ def render_model_card(output_dir: str | Path, repo_id: str, export_dir: str | Pa
         module_file=f"{REMOTE_MODULE}.py",
         resolution=unet_config["sample_size"],
         samples_image=SAMPLES_IMAGE if (export_dir / SAMPLES_IMAGE).is_file() else "",
+        samples_caption=_samples_caption(guidance),
+        guided=bool(guidance),
+        guidance_scale=guidance.get("guidance_scale", 1.0),
+        guidance_interval=guidance.get("guidance_interval") or "",
+        guide_parameters=_guide_parameters(output_dir) if guidance else "",
+        guided_pipeline_module=GUIDED_PIPELINE_MODULE,
         loss_image=LOSS_IMAGE if (export_dir / LOSS_IMAGE).is_file() else "",
         parameters=f"{summary['parameters'] / 1e6:.1f} M" if "parameters" in summary else "see unet/config.json",
         block_out_channels=" → ".join(str(width) for width in unet_config["block_out_channels"]),
@@ -260,7 +314,7 @@ def render_model_card(output_dir: str | Path, repo_id: str, export_dir: str | Pa
         mixed_precision=summary.get("mixed_precision", args.get("mixed_precision", "unknown")),
         hardware=_hardware(summary),
         wall_time=_duration(summary.get("wall_time_s")),
-        evaluation=_evaluation(output_dir / "evaluation.json", summary.get("validation")),
+        evaluation=_evaluation(output_dir, summary),
     )
 
 
@@ -377,20 +431,41 @@ def _duration(seconds: float | None) -> str:
     return f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min {rest % 60} s"
 
 
-def _evaluation(report_path: Path, validation: dict | None) -> str:
-    """The held-out numbers measured during training, and `pets-diffusion evaluate`'s report with its protocol."""
+def _samples_caption(guidance: dict) -> str:
+    """What the card's grid is: drawn from these weights, with which sampler and seed, guided or not."""
+    drawn = (f"{CARD_SAMPLES['num_images']} samples drawn from these weights when the card was written: "
+             f"DPM-Solver++, {CARD_SAMPLES['steps']} steps, seed {CARD_SAMPLES['seed']}, float32")  # fmt: skip
+    if guidance:
+        interval = guidance.get("guidance_interval")
+        where = f" at timesteps {interval[0]}-{interval[1]}" if interval else ""
+        drawn += f", guided by guide/ at W = {guidance['guidance_scale']:g}{where}"
+    return drawn + "."
+
+
+def _guide_parameters(output_dir: Path) -> str:
+    config = json.loads((output_dir / GUIDE / "config.json").read_text())
+    return " → ".join(str(width) for width in config["block_out_channels"])
+
+
+
+def _evaluation(output_dir: Path, summary: dict) -> str:
+    """The held-out numbers of the shipped weights: those measured when they were saved (train_summary.json's
+    `pipeline`), and `pets-diffusion evaluate`'s report when it measured these same weights."""
     parts = []
-    if validation and "bpd" in validation:
+    kept, validation = summary.get("pipeline", {}), summary.get("validation", {})
+    if "bpd" in kept:
         text = (
-            f"Held out during training ({validation['source']}): **{validation['bpd']:.3f} ± "
-            f"{validation['bpd_stderr']:.3f} bits/dim** (the variational bound of the EMA weights, "
-            f"{validation['bpd_kl_timesteps']} stratified KL terms)"
+            f"Held out during training ({validation.get('source', 'held-out images')}): **{kept['bpd']:.3f} ± "
+            f"{kept['bpd_stderr']:.3f} bits/dim** (the variational bound of these weights, step {kept['step']}"
+            + (f", {validation['bpd_kl_timesteps']} stratified KL terms)" if "bpd_kl_timesteps" in validation else ")")
         )
-        if "loss" in validation:
-            text += f"; held-out loss {validation['loss']:.4f} ± {validation['loss_stderr']:.4f}"
+        if "loss" in kept:
+            text += f"; held-out loss {kept['loss']:.4f} ± {kept['loss_stderr']:.4f}"
         parts.append(text + ".")
-    if report_path.is_file():
-        report = json.loads(report_path.read_text())
+    report_path = output_dir / "evaluation.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    measured = report.get("protocol", {}).get("weights_sha256")
+    if report and measured == weights_sha256(output_dir):
         metrics = report.get("metrics", {})
         rows = [
             f"| {name} | {value:.4g}"
@@ -401,6 +476,8 @@ def _evaluation(report_path: Path, validation: dict | None) -> str:
         ]
         described = "; ".join(f"{key}: {value}" for key, value in report.get("protocol", {}).items())
         parts.append("| metric | value |\n|---|---|\n" + "\n".join(rows) + f"\n\nProtocol: {described}.")
+    elif report:
+        parts.append("(`pets-diffusion evaluate`'s report in this folder measured other weights: not quoted.)")
     if not parts:
         return "Not evaluated yet: `pets-diffusion evaluate` writes held-out bits/dim and loss (offline), FID/KID."
     return "\n\n".join(parts)

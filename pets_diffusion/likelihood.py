@@ -127,12 +127,15 @@ def bits_per_dim(
     }
 
 
+LOSS_TIMESTEPS = 10  # the held-out loss's timesteps: strata midpoints
+
+
 @torch.no_grad()
 def heldout_loss(
     unet: torch.nn.Module,
     scheduler: DDPMScheduler,
     images: torch.Tensor,
-    num_timesteps: int = 10,
+    num_timesteps: int = LOSS_TIMESTEPS,
     seed: int = 0,
     batch_size: int = 64,
     first_timestep: int = 0,
@@ -178,6 +181,16 @@ def heldout_loss(
 def high_noise_from(scheduler: DDPMScheduler) -> int:
     """The first timestep of the noisier half (500 of 1,000), where a sample's shapes form."""
     return scheduler.config.num_train_timesteps // 2
+
+
+def high_noise_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, images: torch.Tensor, batch_size: int = 64):
+    """The held-out loss at high noise, one definition for training's log, the run report and compare_runs.py:
+    `heldout_loss` at LOSS_TIMESTEPS timesteps spread over the noisier half (t >= T/2), noise from seed 0. Its
+    value is the MSE of the model's own prediction target: it compares models of one prediction type and noise
+    schedule only (`objective` records both with it)."""
+    result = heldout_loss(unet, scheduler, images, LOSS_TIMESTEPS, 0, batch_size, high_noise_from(scheduler))
+    objective = {key: scheduler.config[key] for key in ("prediction_type", "beta_schedule", "num_train_timesteps")}
+    return result | {"objective": objective}
 
 
 def paired_difference(first: dict, second: dict, key: str = "bpd_per_image") -> tuple[float, float]:

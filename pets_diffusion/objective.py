@@ -22,6 +22,17 @@ NO_VARIANCE_CHANNELS = (
 )
 
 
+def make_noise_scheduler(args) -> DDPMScheduler:
+    """The forward process: --ddpm_num_steps, --ddpm_beta_schedule, --prediction_type; and the reverse
+    process's --variance_type, which the saved pipeline's DDPMScheduler samples with."""
+    return DDPMScheduler(
+        num_train_timesteps=args.ddpm_num_steps,
+        beta_schedule=args.ddpm_beta_schedule,
+        prediction_type=args.prediction_type,
+        variance_type=args.variance_type,
+    )
+
+
 def check_variance_channels(model: torch.nn.Module, scheduler: DDPMScheduler) -> None:
     """Refuse, in one line, a learned_range scheduler with a model whose config has no variance channels."""
     config = getattr(model, "config", None)

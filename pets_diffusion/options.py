@@ -3,6 +3,7 @@
 import argparse
 import importlib.util
 import inspect
+import json
 import math
 import os
 import re
@@ -11,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from datasets.exceptions import DatasetNotFoundError
 
 from .checkpoints import checkpoint_step, resolve_checkpoint
-from .data import DEFAULT_DATASET, first_line, is_local_dataset
+from .data import DEFAULT_DATASET, first_line, is_local_dataset, load_image_dataset
 from .objective import DEFAULT_VLB_WEIGHT, LEARNED_VARIANCE
 from .unet import PetsUNet2DModel
 
@@ -170,7 +172,12 @@ def build_parser(prog: str = "train_unconditional.py") -> argparse.ArgumentParse
     )
     # Optimisation
     add("--train_batch_size", type=positive_int, default=16, help="Batch size per device.")
-    add("--num_epochs", type=positive_int, default=100)
+    add(
+        "--num_epochs",
+        type=positive_int,
+        default=None,
+        help="Epochs to train (default 100, as diffusers' example; with --lr_schedule_time none: the plan ends it).",
+    )
     add("--max_train_steps", type=positive_int, default=None, help="Total optimiser steps; overrides --num_epochs.")
     add(
         "--max_train_time",
@@ -203,8 +210,10 @@ def build_parser(prog: str = "train_unconditional.py") -> argparse.ArgumentParse
         "--lr_schedule_time",
         type=duration,
         default=None,
-        help="Spread --lr_scheduler over this much training time, all resumed pieces together (90s, 20m, 2h30m), "
-        "instead of over the steps; the run stops when it is spent. The checkpoints record it: a resume keeps it.",
+        help="Spread --lr_scheduler over this much training time, all resumed invocations together (90s, 20m, 2h30m), "
+        "instead of over the steps; the run stops when it is spent. Training time is the time from an invocation's "
+        "first step, less held-out validation, sample grids, checkpoints and pipeline saves; a warning says when "
+        "--max_train_time or a step limit will end the run first. The checkpoints record the plan: a resume keeps it.",
     )
     add("--lr_warmup_steps", type=int_range(0), default=500)
     add("--adam_beta1", type=float_range(0.0, 1.0, open_high=True), default=0.95)
@@ -216,9 +225,10 @@ def build_parser(prog: str = "train_unconditional.py") -> argparse.ArgumentParse
         "--divergence_guard",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Catch a diverged run (a non-finite loss, or --divergence_window steps whose mean loss is "
-        "--divergence_factor times the median before them), roll it back to the last checkpoint before, lower the "
-        "learning rate and go on (default on; --no-divergence_guard stops at a non-finite loss instead).",
+        help="Catch a diverged run (a non-finite loss, or a median loss over --divergence_window steps that stays "
+        "--divergence_factor times the median of the 10 windows before for half a window), roll it back to the last "
+        "checkpoint before, lower the learning rate and go on; what the diverging weights saved is moved to "
+        "diverged/ (default on; --no-divergence_guard stops at a non-finite loss instead).",
     )
     add("--divergence_factor", type=float_range(1.0, open_low=True), default=3.0, help="See --divergence_guard.")
     add("--divergence_window", type=positive_int, default=20, help="See --divergence_guard.")
@@ -229,7 +239,6 @@ def build_parser(prog: str = "train_unconditional.py") -> argparse.ArgumentParse
         default=0.5,
         help="Each rollback multiplies the learning rate by this.",
     )
-    add("--lr_spike_at_step", type=positive_int, default=None, help=argparse.SUPPRESS)  # a fault, for the tests
     add(
         "--use_ema",
         action=argparse.BooleanOptionalAction,
@@ -405,3 +414,40 @@ def build_model_config(args: argparse.Namespace) -> dict:
     # A learned variance adds as many output channels as the image has (improved DDPM's "learn_sigma").
     out_channels = config["in_channels"] * (2 if args.variance_type == LEARNED_VARIANCE else 1)
     return {**config, "sample_size": args.resolution, "out_channels": out_channels}
+
+
+def load_training_images(args):
+    """The training split, undecoded; a missing dataset is a UsageError."""
+    try:
+        dataset = load_image_dataset(
+            args.dataset_name,
+            args.dataset_config_name,
+            args.train_data_dir,
+            args.image_column,
+            args.cache_dir,
+        )
+    except (FileNotFoundError, ConnectionError, DatasetNotFoundError) as error:
+        source = args.train_data_dir or args.dataset_name
+        local = args.train_data_dir is not None or is_local_dataset(source)
+        advice = f"give {EXAMPLE_DATA}" if local else "check the name or path, or go online once to download it"
+        problem = f"{type(error).__name__}: {first_line(error)}"
+        raise UsageError(f"cannot load the dataset {source} ({problem}); {advice}.") from None
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return dataset
+
+
+def hparams(args) -> dict:
+    """The arguments TensorBoard can record as hyperparameters."""
+    return {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+
+
+def record_arguments(args, seed: int) -> None:
+    """Create --output_dir and write training_args.json: the arguments (never the Hub token) and the run's seed."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    arguments = {key: value for key, value in vars(args).items() if key != "hub_token"}
+    arguments["seed"] = seed  # drawn when --seed was not given: the record makes the run repeatable
+    if args.dataset_name and args.train_data_dir is None and is_local_dataset(args.dataset_name):
+        arguments["dataset_path"] = str(Path(args.dataset_name).expanduser().resolve())  # where it was
+    Path(args.output_dir, "training_args.json").write_text(json.dumps(arguments, indent=2) + "\n")
+

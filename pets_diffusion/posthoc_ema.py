@@ -132,11 +132,15 @@ def list_snapshots(output_dir: str | Path) -> list[tuple[float, int, Path]]:
     return sorted(found, key=lambda item: (item[1], item[0]))
 
 
+def snapshots_after(output_dir: str | Path, step: int) -> list[Path]:
+    """The snapshot files of steps after `step`."""
+    return [path for _, snapshot_step, path in list_snapshots(output_dir) if snapshot_step > step]
+
+
 def remove_snapshots_after(output_dir: str | Path, step: int) -> None:
     """Drop snapshots of steps a resumed run will redo (a run killed after its last checkpoint left them)."""
-    for _, snapshot_step, path in list_snapshots(output_dir):
-        if snapshot_step > step:
-            path.unlink()
+    for path in snapshots_after(output_dir, step):
+        path.unlink()
 
 
 def reconstruct(output_dir: str | Path, sigma_rel: float, step: int | None = None) -> tuple[dict, dict]:

@@ -1,6 +1,5 @@
 """Sampling: schedulers by name, `sample()`, image grids and the denoising trajectory."""
 
-import inspect
 import math
 from collections.abc import Callable, Iterator
 
@@ -12,7 +11,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .objective import LEARNED_VARIANCE, original_from_prediction
+from .guidance import scheduler_input
+from .objective import original_from_prediction
 
 SCHEDULERS = {
     "ddpm": DDPMScheduler,
@@ -44,11 +44,11 @@ def reverse_process(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Run the reverse process from `noise`, yielding (index, timestep, x_t, prediction, next sample) each step.
 
-    The prediction is the model's ε, v or x_0 (without a learned variance's channels, which only DDPM's
-    and DPM-Solver++'s steps take: DDIM's is deterministic). x_t and the scheduler's arithmetic stay in
-    float32 whatever the UNet's dtype: a bf16 UNet sees x_t in bf16 and its output comes back as float32.
-    (DDPMPipeline keeps x_t in the UNet's dtype, so with a bf16 UNet every one of its steps rounds x_t to
-    bf16's 8-bit mantissa.)
+    `unet` is a UNet or a `guidance.AutoGuidedUNet`. The prediction is the model's ε, v or x_0 (without a learned
+    variance's channels, which only DDPM's and DPM-Solver++'s steps take: DDIM's is deterministic). x_t and the
+    scheduler's arithmetic stay in float32 whatever the UNet's dtype: a bf16 UNet sees x_t in bf16 and its output
+    comes back as float32. (DDPMPipeline keeps x_t in the UNet's dtype, so with a bf16 UNet every one of its steps
+    rounds x_t to bf16's 8-bit mantissa.)
     """
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     sample = noise.float() * scheduler.init_noise_sigma
@@ -56,19 +56,10 @@ def reverse_process(
     for index, timestep in enumerate(tqdm(scheduler.timesteps, disable=not progress, leave=False)):
         model_input = scheduler.scale_model_input(sample, timestep).to(unet.dtype)
         model_output = unet(model_input, timestep).sample.float()
-        step_input = model_output if takes_learned_variance(scheduler) else model_output[:, :channels]
+        step_input = scheduler_input(scheduler, model_output, channels)
         previous = scheduler.step(step_input, timestep, sample, generator=generator).prev_sample
         yield index, timestep, sample, model_output[:, :channels], previous
         sample = previous
-
-
-def takes_learned_variance(scheduler) -> bool:
-    """Whether the scheduler's step splits a learned variance off the model output itself (DDPM, DPM-Solver++).
-
-    Asked of its class, not its config: DDIMScheduler.from_config keeps a DDPM config's variance_type unused.
-    """
-    takes_variance = "variance_type" in inspect.signature(type(scheduler).__init__).parameters
-    return takes_variance and scheduler.config.variance_type == LEARNED_VARIANCE
 
 
 def denoise(

@@ -1,4 +1,4 @@
-"""What a long run needs from its disk: manifests that prove a saved folder whole, and free space before a save."""
+"""What a run keeps on disk: its JSON records, manifests that prove a saved folder whole, free space before a save."""
 
 import errno
 import hashlib
@@ -110,3 +110,15 @@ def out_of_space(folder: Path, what: str, needed: int, intact: str) -> DiskFull:
         f"{megabytes(free_bytes(folder))} are free; {intact}. Free space, then resume with "
         "--resume_from_checkpoint latest."
     )
+
+
+def read_json(path: Path) -> dict:
+    """A run's JSON record at `path` (training_args.json, train_summary.json, ...), or {} when it has none."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Write a run's JSON record whole: to a temporary file beside it, then renamed over it."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(path)

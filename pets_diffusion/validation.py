@@ -6,10 +6,9 @@ from pathlib import Path
 import torch
 
 from .data import evaluation_tensor, hold_out, validation_dataset_images
-from .likelihood import bits_per_dim, heldout_loss, high_noise_from
+from .kept_pipeline import images_fingerprint
+from .likelihood import LOSS_TIMESTEPS, bits_per_dim, heldout_loss, high_noise_loss
 from .options import UsageError
-
-LOSS_TIMESTEPS = 10
 
 
 class Validation:
@@ -20,16 +19,16 @@ class Validation:
         self.bpd_timesteps, self.batch_size = bpd_timesteps, batch_size
         self.results: dict = {"images": len(images), "source": source}
         self.held_out_indices: list[int] | None = None
+        self.fingerprint = images_fingerprint(images)
 
     @torch.no_grad()
     def loss(self, model: torch.nn.Module, noise_scheduler) -> dict:
-        """The training objective at fixed timesteps and noise (see `likelihood.heldout_loss`), over all timesteps
-        and over the noisier half, where a sample's shapes form."""
-        measured = {}
-        for key, first in (("loss", 0), ("loss_high_noise", high_noise_from(noise_scheduler))):
-            result = heldout_loss(model, noise_scheduler, self.images, LOSS_TIMESTEPS, seed=0,
-                                  batch_size=self.batch_size, first_timestep=first)  # fmt: skip
-            measured |= {key: result["loss"], f"{key}_stderr": result["loss_stderr"]}
+        """The training objective at fixed timesteps and noise (`likelihood.heldout_loss`), over all timesteps
+        and over the noisier half, where a sample's shapes form (`likelihood.high_noise_loss`)."""
+        loss = heldout_loss(model, noise_scheduler, self.images, LOSS_TIMESTEPS, seed=0, batch_size=self.batch_size)
+        high = high_noise_loss(model, noise_scheduler, self.images, batch_size=self.batch_size)
+        measured = {"loss": loss["loss"], "loss_stderr": loss["loss_stderr"], "loss_high_noise": high["loss"],
+                    "loss_high_noise_stderr": high["loss_stderr"]}  # fmt: skip
         self.results |= measured
         return measured
 
@@ -55,14 +54,18 @@ class Validation:
         logs = {"validation_loss": measured["loss"], "validation_loss_high_noise": measured["loss_high_noise"]}
         accelerator.log(logs, step=step)
 
-    def log_bits_per_dim(self, model: torch.nn.Module, noise_scheduler, accelerator, step: int) -> dict:
-        """Measure the held-out bits/dim (in eval mode, under the run's autocast), log it and return it."""
+    def measure_pipeline(self, model: torch.nn.Module, noise_scheduler, accelerator, step: int) -> dict:
+        """The held-out bits/dim and loss of weights about to be saved as the pipeline (in eval mode, under the run's
+        autocast); the bound is logged."""
+        mode = model.training
         model.eval()
         with accelerator.autocast():
-            result = self.bits_per_dim(model, noise_scheduler)
-        model.train()
-        accelerator.log({"validation_bpd": result["bpd"], "validation_bpd_stderr": result["bpd_stderr"]}, step=step)
-        return result
+            bound = self.bits_per_dim(model, noise_scheduler)
+            loss = heldout_loss(model, noise_scheduler, self.images, LOSS_TIMESTEPS, 0, self.batch_size)
+        model.train(mode)
+        accelerator.log({"validation_bpd": bound["bpd"], "validation_bpd_stderr": bound["bpd_stderr"]}, step=step)
+        return {"bpd": bound["bpd"], "bpd_stderr": bound["bpd_stderr"], "loss": loss["loss"],
+                "loss_stderr": loss["loss_stderr"]}  # fmt: skip
 
 
 def split_validation(args, images, seed: int, device: torch.device):

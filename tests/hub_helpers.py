@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from pets_diffusion import PetsUNet2DModel
-from pets_diffusion.checkpoints import save_pipeline
+from pets_diffusion.pipeline_folder import save_pipeline
 
 from .conftest import randomise_zero_inits
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pets_diffusion.options import parse_args, validate_args
-from pets_diffusion.training import TrainLoop
+from pets_diffusion.train_loop import TrainLoop
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ from PIL import Image
 from torch import nn
 
 from pets_diffusion import evaluation
-from pets_diffusion.checkpoints import save_pipeline
 from pets_diffusion.likelihood import bits_per_dim
 from pets_diffusion.memorization import memorization
+from pets_diffusion.pipeline_folder import save_pipeline
 
 from .helpers import make_image_folder
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from pets_diffusion import hardware
-from pets_diffusion.components import bf16_hint, resolve_mixed_precision
-from pets_diffusion.layout import chosen_memory_format, preferred_memory_format
+from pets_diffusion.hardware import chosen_memory_format, preferred_memory_format
+from pets_diffusion.processes import bf16_hint, resolve_mixed_precision
 from pets_diffusion.unet import GroupNorm32, Upsample
 
 from .helpers import launch, make_image_folder, tiny_training_args, write_tiny_config
@@ -262,7 +262,7 @@ def test_mixed_precision_auto_trains_in_bf16_where_the_cpu_has_it(tmp_path, flag
 # whatever the host's THP setting: with THP `always`, 2 MiB pages would make the counts 512x smaller.
 ALLOCATION_CYCLES = """
 import ctypes, resource, sys, torch
-from pets_diffusion.allocator import retain_freed_memory
+from pets_diffusion.hardware import retain_freed_memory
 assert ctypes.CDLL(None).prctl(41, 1, 0, 0, 0) == 0  # PR_SET_THP_DISABLE
 if sys.argv[1] == "retain":
     assert retain_freed_memory()

@@ -19,8 +19,9 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from pets_diffusion import PetsUNet2DModel
-from pets_diffusion.checkpoints import complete_checkpoints, intact_checkpoint, save_pipeline
+from pets_diffusion.checkpoints import complete_checkpoints, intact_checkpoint
 from pets_diffusion.interruption import EXIT_INTERRUPTED
+from pets_diffusion.pipeline_folder import save_pipeline
 from pets_diffusion.runlock import NOTE_FILE, OutputDirBusy, RunLock
 from pets_diffusion.storage import DamagedFolder, DiskFull, verify
 

@@ -11,9 +11,9 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from pets_diffusion import PetsUNet2DModel, ema_selection
-from pets_diffusion.checkpoints import save_pipeline
 from pets_diffusion.likelihood import heldout_loss
 from pets_diffusion.objective import diffusion_loss
+from pets_diffusion.pipeline_folder import save_pipeline
 from pets_diffusion.posthoc_ema import (
     PowerFunctionEMA,
     exp_to_std,

@@ -19,7 +19,7 @@ from pets_diffusion import PetsUNet2DModel
 from pets_diffusion.checkpoints import checkpoint_step, complete_checkpoints, prune_checkpoints, resolve_checkpoint
 from pets_diffusion.data import TrainingImages, augmentation, decode_rgb, load_image_dataset, prepare_images
 from pets_diffusion.options import UsageError, parse_args, validate_args
-from pets_diffusion.training import main
+from pets_diffusion.train import main
 
 from .helpers import (
     ACCELERATE,

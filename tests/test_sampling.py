@@ -11,7 +11,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from PIL import Image
 
 from pets_diffusion import sampling
-from pets_diffusion.checkpoints import save_pipeline
+from pets_diffusion.pipeline_folder import save_pipeline
 
 PETS_DIFFUSION = Path(sys.executable).with_name("pets-diffusion")
 

@@ -12,7 +12,7 @@ import torch
 from diffusers import DDPMPipeline
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pets_diffusion.plotting import read_scalars
+from pets_diffusion.progress import read_scalars
 
 from .helpers import launch, make_image_folder, make_workspace, tiny_training_args, write_tiny_config
 

@@ -1,31 +1,24 @@
-"""The pieces a training run is built from: the Accelerator, the dataset, the EMA, the optimiser."""
+"""The processes of a run: the Accelerator and its precision, waiting for the main process alone, the run's seed, the
+output folder's lock, and what every process must see alike (a flag on any of them, a clock)."""
 
 import logging
 import os
 import secrets
-import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_flag_from_env
-from datasets.exceptions import DatasetNotFoundError
-from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 
-from .allocator import retain_freed_memory
 from .checkpoints import any_process
-from .data import EpochSampler, TrainingImages, is_local_dataset, load_image_dataset
-from .hardware import bf16_cpu_instructions, native_bf16
-from .interruption import ignore_stop_signals
-from .options import EXAMPLE_DATA, UsageError, first_line
-from .posthoc_ema import PowerFunctionEMA
+from .data import first_line
+from .hardware import bf16_cpu_instructions, describe_cpu, native_bf16, retain_freed_memory
+from .options import UsageError
 from .runlock import OutputDirBusy, RunLock
-from .schedules import TimedLR
-from .unet import PetsUNet2DModel
+from .storage import read_json
 
 logger = get_logger(__name__)
 
@@ -46,7 +39,6 @@ def make_accelerator(args) -> Accelerator:
         **({"dynamo_backend": "inductor"} if args.use_torch_compile else {}),
     )
 
-
 def log_environment(accelerator: Accelerator) -> None:
     """Log the processes and devices, and what this CPU does best."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -55,12 +47,10 @@ def log_environment(accelerator: Accelerator) -> None:
     if hint is not None:
         logger.info(hint)
 
-
 def tune_cpu_allocator(accelerator: Accelerator) -> None:
     """On a CPU, keep freed activation memory in the process (`allocator.retain_freed_memory`)."""
     if accelerator.device.type == "cpu" and retain_freed_memory():
         logger.info("CPU training: glibc malloc keeps freed activation memory for reuse (no page faults per step)")
-
 
 def bf16_hint(device: torch.device, mixed_precision: str) -> str | None:
     """The advice to train in bf16, for a CPU that runs it natively but is not asked to."""
@@ -72,13 +62,11 @@ def bf16_hint(device: torch.device, mixed_precision: str) -> str | None:
         "on such CPUs"
     )
 
-
 def resolve_mixed_precision(requested: str) -> str:
     """--mixed_precision as Accelerate takes it: `auto` is bf16 where this process's device runs it natively."""
     if requested != "auto":
         return requested
     return "bf16" if native_bf16(process_state().device) else "no"
-
 
 def process_state(ddp_timeout: float | None = None) -> PartialState:
     """Accelerate's process state before the Accelerator exists, set up as the Accelerator will set it up
@@ -89,7 +77,6 @@ def process_state(ddp_timeout: float | None = None) -> PartialState:
     """
     timeout = {} if ddp_timeout is None else {"timeout": timedelta(seconds=ddp_timeout)}
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **timeout)
-
 
 class MainProcessWait:
     """Where the other processes wait while the main process saves, measures or pushes alone.
@@ -115,7 +102,6 @@ class MainProcessWait:
         elif self.accelerator.num_processes > 1:
             self.accelerator.wait_for_everyone()
 
-
 def day_long_gloo_group(accelerator: Accelerator, probe_timeout: timedelta):
     """A gloo group of every process whose collectives may wait MAIN_PROCESS_WAIT, or None (with a warning) when
     a probe group with `probe_timeout` could not connect and pass a barrier on some process; the processes agree
@@ -134,14 +120,16 @@ def day_long_gloo_group(accelerator: Accelerator, probe_timeout: timedelta):
         return None
     return dist.new_group(backend="gloo", timeout=MAIN_PROCESS_WAIT)
 
-
-def run_seed(accelerator: Accelerator, requested: int | None, recorded: int | None) -> int:
+def run_seed(accelerator: Accelerator, args, checkpoint: Path | None, saved_setup: dict | None) -> int:
     """The run's seed: the resumed checkpoint's, else --seed, else one drawn on the main process and sent to all.
 
     It decides the initial weights, the held-out images and the data order, which every process must share
-    (each draws its own noise from it: see TrainLoop.seed_noise). A resume keeps the checkpoint's seed, so the
+    (each draws its own noise from it, seed + process index). A resume keeps the checkpoint's seed, so the
     same images stay held out; another --seed is refused.
     """
+    requested, recorded = args.seed, (saved_setup or {}).get("seed")
+    if saved_setup is not None and "seed" not in saved_setup:
+        recorded = legacy_seed(args, checkpoint)
     if recorded is not None:
         if requested is not None and requested != recorded:
             raise UsageError(
@@ -157,56 +145,18 @@ def run_seed(accelerator: Accelerator, requested: int | None, recorded: int | No
     return drawn[0]
 
 
-def load_training_images(args):
-    """The training split, undecoded; a missing dataset is a UsageError."""
-    try:
-        dataset = load_image_dataset(
-            args.dataset_name,
-            args.dataset_config_name,
-            args.train_data_dir,
-            args.image_column,
-            args.cache_dir,
-        )
-    except (FileNotFoundError, ConnectionError, DatasetNotFoundError) as error:
-        source = args.train_data_dir or args.dataset_name
-        local = args.train_data_dir is not None or is_local_dataset(source)
-        advice = f"give {EXAMPLE_DATA}" if local else "check the name or path, or go online once to download it"
-        problem = f"{type(error).__name__}: {first_line(error)}"
-        raise UsageError(f"cannot load the dataset {source} ({problem}); {advice}.") from None
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    return dataset
-
-
-def make_ema(args, model: PetsUNet2DModel) -> EMAModel | None:
-    """diffusers' EMAModel of the UNet's weights with warm-up, or None under --no-use_ema."""
-    if not args.use_ema:
-        return None
-    return EMAModel(
-        model.parameters(),
-        decay=args.ema_max_decay,
-        use_ema_warmup=True,
-        inv_gamma=args.ema_inv_gamma,
-        power=args.ema_power,
-        model_cls=PetsUNet2DModel,
-        model_config=model.config,
-        foreach=True,
-    )
-
-
-def make_post_hoc_ema(args, model: PetsUNet2DModel) -> PowerFunctionEMA | None:
-    """EDM2's two power-function EMAs of the UNet's weights (σ_rel 0.05 and 0.10), or None without --post_hoc_ema."""
-    return PowerFunctionEMA(model.named_parameters()) if args.post_hoc_ema else None
-
-
-def make_noise_scheduler(args) -> DDPMScheduler:
-    """The forward process: --ddpm_num_steps, --ddpm_beta_schedule, --prediction_type; and the reverse
-    process's --variance_type, which the saved pipeline's DDPMScheduler samples with."""
-    return DDPMScheduler(
-        num_train_timesteps=args.ddpm_num_steps,
-        beta_schedule=args.ddpm_beta_schedule,
-        prediction_type=args.prediction_type,
-        variance_type=args.variance_type,
+def legacy_seed(args, checkpoint: Path) -> int:
+    """The seed of a checkpoint saved before checkpoints recorded it: training_args.json's, else --seed; with
+    neither, a new seed would silently hold out other images and shuffle otherwise, so the resume is refused."""
+    recorded = read_json(Path(args.output_dir) / "training_args.json").get("seed")
+    if isinstance(recorded, int):
+        return recorded
+    if args.seed is not None:
+        return args.seed
+    raise UsageError(
+        f"{checkpoint.name} was saved before checkpoints recorded the run's seed, and training_args.json records "
+        "none; resume with the --seed the run was trained with (it chose the held-out images and the data order), "
+        "or train in a new --output_dir."
     )
 
 
@@ -228,47 +178,7 @@ def lock_output_dir(output_dir: str, ddp_timeout: float) -> RunLock | None:
     return lock if state.is_main_process else None
 
 
-def make_dataloader(args, dataset: TrainingImages, seed: int, device: torch.device) -> torch.utils.data.DataLoader:
-    """Batches in a seeded order per epoch (EpochSampler); no worker seed draws from the global RNG."""
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        sampler=EpochSampler(len(dataset), seed),
-        generator=torch.Generator().manual_seed(seed),
-        num_workers=args.dataloader_num_workers,
-        worker_init_fn=ignore_stop_signals,
-        persistent_workers=args.dataloader_num_workers > 0,
-        pin_memory=device.type == "cuda",
-    )
-
-
-def make_optimizer(args, model: torch.nn.Module, accelerator: Accelerator, max_train_steps: int):
-    """Fused AdamW and the learning-rate schedule: diffusers' `get_scheduler` over the steps, or its shape over
-    --lr_schedule_time's seconds (`schedules.TimedLR`)."""
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-        fused=accelerator.device.type in ("cpu", "cuda"),  # one kernel for all parameters
-    )
-    # The prepared scheduler steps once per process per optimiser step, hence the factor.
-    if args.lr_schedule_time is not None:
-        warmup_steps = args.lr_warmup_steps * accelerator.num_processes
-        return optimizer, TimedLR(optimizer, args.lr_scheduler, warmup_steps, args.lr_schedule_time)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )
-    return optimizer, lr_scheduler
-
-
-def piece_seconds(accelerator: Accelerator, started: float) -> float:
-    """Seconds since `started`, the same on every process: the slowest clock's (one gather with several)."""
-    seconds = time.perf_counter() - started
-    if accelerator.num_processes == 1:
-        return seconds
-    return accelerator.gather(torch.tensor([seconds], device=accelerator.device)).max().item()
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {describe_cpu()}, {os.cpu_count()} cores"

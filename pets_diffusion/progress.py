@@ -1,14 +1,23 @@
-"""The loss curve and the run's progress, read back from its TensorBoard events and sample grids."""
+"""What a run shows of its progress: seeded sample grids (to disk and every tracker), the loss curve and the
+progress picture, read back from its TensorBoard events and grids."""
 
 import re
+import time
 from itertools import accumulate
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from . import sampling  # noqa: E402
+from .processes import device_name  # noqa: E402
 
 
 def scalar_events(log_dir: str | Path, tag: str) -> list[tuple[float, list]]:
@@ -117,3 +126,58 @@ def plot_loss_curve(log_dir: str | Path, out_path: str | Path, smoothing: int = 
     plt.close(figure)
     tmp_path.replace(out_path)
     return out_path
+
+
+def write_sample_grid(unet, noise_scheduler, args, accelerator: Accelerator, step: int) -> None:
+    """Sample a seeded grid with the (EMA) UNet; write it to samples/ and every tracker; redraw the loss curve."""
+    unet.eval()
+    scheduler = DDPMScheduler.from_config(noise_scheduler.config)
+    with accelerator.autocast():
+        images = sampling.sample(
+            unet, scheduler, args.eval_batch_size, args.ddpm_num_inference_steps, seed=0,
+            batch_size=args.eval_batch_size,
+        )  # fmt: skip
+    unet.train()
+    samples_dir = Path(args.output_dir) / "samples"
+    samples_dir.mkdir(exist_ok=True)
+    picture = sampling.grid(images)
+    picture.save(samples_dir / f"step-{step:07d}.png")
+    pixels = np.asarray(picture)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": pixels[None]}, step, dataformats="NHWC")
+            tracker.writer.flush()
+        else:
+            tracker.log_images({"samples": [pixels]}, step)
+    plot_loss_curve(Path(args.output_dir) / args.logging_dir, Path(args.output_dir) / "loss_curve.png")
+
+
+def run_summary(loop) -> dict:
+    """train_summary.json of a TrainLoop: where, how long and how far the run trained, and which weights its pipeline
+    holds; for the model card and the tests."""
+    accelerator = loop.accelerator
+    validation = {**loop.validation.results, **loop.kept.scores()} if loop.validation is not None else None
+    return {
+        "world_size": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "device": str(accelerator.device),
+        "device_name": device_name(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "variance_type": loop.noise_scheduler.config.variance_type,
+        "channels_last": loop.memory_format == torch.channels_last,
+        "global_step": loop.global_step,
+        "steps_this_run": loop.steps_this_run,
+        "epochs": loop.num_epochs,
+        "total_batch_size": loop.total_batch_size,
+        "train_images": len(loop.dataset),
+        "skipped_images": loop.skipped,
+        "wall_time_s": round(time.perf_counter() - loop.started, 1),
+        "last_images_per_sec": round(loop.images_per_second, 2),
+        "parameters": loop.unwrapped.num_parameters(),
+        "stopped_by_time_budget": loop.out_of_time,
+        **({"validation": validation} if validation is not None else {}),
+        **({"post_hoc_ema": loop.post_hoc_choice} if loop.post_hoc_choice is not None else {}),
+        **({"lr_schedule": loop.timed_lr.record()} if loop.timed_lr is not None else {}),
+        **({"rollbacks": loop.rollbacks} if loop.rollbacks else {}),
+        "pipeline": loop.kept.describe(),
+    }
