@@ -7,12 +7,13 @@ high noise (paired), DDPM grids, and one picture of every run's 64 samples side 
 Every run must have held out the same images (--validation_images with the same seed and data, or the
 same --validation_dataset); the first run's are used. Each run's bound and losses use the same images,
 timesteps and noise, so differences against the first run are paired: their standard errors are those
-of the per-image differences. The high-noise loss is the held-out loss over timesteps t >= 500 of 1,000
-(T/2, or `--high-noise-from`), where a sample's shapes form. Runs at another resolution than the first are
-measured but not paired (bits/dim is per dimension of each size). Writes OUT/compare.json,
-OUT/<run>-ddpm-<steps>.png (16 samples from the same noise; <run> is the folder's name, with its parent's
-when two runs share one), with --sheet OUT/sheet.png (64 DPM-Solver++ samples of each run in 25 steps, seed 0,
-labelled) and prints a table.
+of the per-image differences. The high-noise loss is `likelihood.high_noise_loss` (over t >= T/2, where a
+sample's shapes form; the same quantity training logs and `pets-diffusion report` writes); runs trained with
+another prediction type or noise schedule than the first are refused (their losses are other quantities). Runs at
+another resolution than the first are measured but not paired (bits/dim is per dimension of each size).
+Writes OUT/compare.json, OUT/<run>-ddpm-<steps>.png (16 samples from the same noise; <run> is the folder's
+name, with its parent's when two runs share one), with --sheet OUT/sheet.png (64 DPM-Solver++ samples of each
+run in 25 steps, seed 0, labelled) and prints a table.
 """
 
 import argparse
@@ -22,11 +23,11 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
-from PIL import Image, ImageDraw, ImageFont
 
 from pets_diffusion import PetsUNet2DModel, sampling
 from pets_diffusion.evaluation import RunImages
-from pets_diffusion.likelihood import bits_per_dim, heldout_loss, high_noise_from, paired_difference
+from pets_diffusion.likelihood import bits_per_dim, heldout_loss, high_noise_loss, paired_difference
+from pets_diffusion.sampling import labelled_sheet
 
 
 def main() -> None:
@@ -39,12 +40,11 @@ def main() -> None:
     parser.add_argument("--grids", default="50,100,1000", help="DDPM step counts to draw 16 samples with.")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--pipeline", default="", help="A subfolder of each run holding the pipeline to compare.")
-    parser.add_argument("--high-noise-from", type=int, default=None, help="The loss's first timestep (default T/2).")
-    parser.add_argument("--high-noise-timesteps", type=int, default=25, help="Its timesteps, evenly spread.")
     parser.add_argument("--sheet", action="store_true", help="Draw OUT/sheet.png: each run's 64 samples, labelled.")
     options = parser.parse_args()
     options.out.mkdir(parents=True, exist_ok=True)
     check_same_held_out_images(options.runs, options.pipeline)
+    check_same_objective(options.runs, options.pipeline)
     rows, grids, names = [], [], run_names(options.runs)
     for run, name in zip(options.runs, names):
         folder = run / options.pipeline
@@ -55,9 +55,7 @@ def main() -> None:
         started = time.perf_counter()
         bound = bits_per_dim(unet, scheduler, heldout, options.nll_timesteps, 0, options.batch_size, progress=True)
         loss = heldout_loss(unet, scheduler, heldout, seed=0, batch_size=options.batch_size)
-        first = options.high_noise_from if options.high_noise_from is not None else high_noise_from(scheduler)
-        high_noise = heldout_loss(unet, scheduler, heldout, options.high_noise_timesteps, 0, options.batch_size,
-                                  first_timestep=first)  # fmt: skip
+        high_noise = high_noise_loss(unet, scheduler, heldout, options.batch_size)
         summary = json.loads((run / "train_summary.json").read_text())
         rows.append({
             "run": str(run), "resolution": unet.config.sample_size, "variance_type": scheduler.config.variance_type,
@@ -109,6 +107,17 @@ def check_same_held_out_images(runs: list[Path], pipeline: str) -> None:
                          "seed, or the same --validation_dataset")  # fmt: skip
 
 
+def check_same_objective(runs: list[Path], pipeline: str) -> None:
+    """Refuse runs trained to predict another target or on another noise schedule than the first."""
+    keys = ("prediction_type", "beta_schedule", "num_train_timesteps")
+    first, *others = ({key: DDPMScheduler.load_config(run / pipeline, subfolder="scheduler")[key] for key in keys}
+                      for run in runs)  # fmt: skip
+    for run, objective in zip(runs[1:], others):
+        if objective != first:
+            raise SystemExit(f"{run} was trained with {objective}, {runs[0]} with {first}: their losses are other "
+                             "quantities; compare runs of one prediction type and noise schedule")  # fmt: skip
+
+
 def run_names(runs: list[Path]) -> list[str]:
     """Each run's folder name, or its parent's and its own (`cpu-pets-3-run`) when two runs share a name."""
     names = [run.resolve().name for run in runs]
@@ -120,21 +129,6 @@ def run_names(runs: list[Path]) -> list[str]:
 def plus_minus(value: float | None, stderr: float | None, digits: int) -> str:
     """A paired difference as `+0.1234 ± 0.0012`, or `not paired`."""
     return "not paired" if value is None else f"{value:+.{digits}f} ± {stderr:.{digits}f}"
-
-
-def labelled_sheet(names: list[str], grids: list[Image.Image], columns: int = 4) -> Image.Image:
-    """The grids side by side, `columns` to a row, each under its run's name."""
-    label, gap = 18, 8
-    width, height = grids[0].size
-    rows = -(-len(grids) // columns)
-    sheet = Image.new("RGB", (columns * (width + gap) + gap, rows * (height + label + gap) + gap), "white")
-    draw = ImageDraw.Draw(sheet)
-    for index, (name, picture) in enumerate(zip(names, grids)):
-        x = gap + (index % columns) * (width + gap)
-        y = gap + (index // columns) * (height + label + gap)
-        draw.text((x, y + 2), name, fill="black", font=ImageFont.load_default(size=14))
-        sheet.paste(picture, (x, y + label))
-    return sheet
 
 
 if __name__ == "__main__":

@@ -1,43 +1,61 @@
 #!/usr/bin/env bash
-# The CPU pets in one command: a small 32x32 model trained on a CPU for a wall-clock budget, its learning rate
-# decaying to zero over the whole run, then drawn and measured (benchmarks/reference_report.py). Run it again with
-# the same OUT to train on from where it stopped: every piece resumes from the latest checkpoint.
+# The CPU pets in one command: the 3 M-parameter 32x32 model trained on a CPU over a plan of training time, its
+# learning rate decaying to zero over the plan, then drawn and measured (`pets-diffusion report`). Run it again with
+# the same OUT to train on from where it stopped (each invocation resumes from the latest checkpoint).
 #
-#   FULL=FULL_COPY bash benchmarks/cpu_pets.sh DATA OUT [BUDGET] [more train_unconditional.py flags]
+#   FULL=FULL_COPY bash benchmarks/cpu_pets.sh DATA OUT [PLAN] [more train_unconditional.py flags]
 #   FULL=../shared/data/oxford-pets-64-full bash benchmarks/cpu_pets.sh ../shared/data/oxford-pets-64 runs/cpu-pets 150m
-#   FULL=... PLAN=300m bash benchmarks/cpu_pets.sh ../shared/data/oxford-pets-64 runs/cpu-pets 150m    # twice
+#   MAX_TRAIN_TIME=60m FULL=... bash benchmarks/cpu_pets.sh ...    # an invocation of at most an hour; again to resume
 #
-# DATA: the 1,750-image copy (whose `train` split gives the 64 held-out images every CPU pets run since the axes
-# screen holds out); FULL: the full copy, whose 7,351 clean images less those 64 are trained on
-# (benchmarks/pets_data.py writes both as Parquet files into OUT/data). BUDGET: this piece's training time
-# (default 150m); PLAN: the whole run's, over which the learning rate decays linearly to zero (default BUDGET;
-# a resume keeps the plan the run started with). The recipe is the one recipe_runs.sh's pets20 screen chose by
-# its samples and its held-out loss at high noise (benchmarks/README.md): the small 32x32 config, batch 16,
-# min-SNR gamma 5, squaredcos_cap_v2 betas, peak lr 1e-3 after 100 warm-up steps, bf16 where the CPU has it.
-# The held-out loss at t >= 500 and a DDPM grid about every 20 minutes on a 2-core AVX2 EPYC (560 steps), a
-# checkpoint to roll back to every 280 and the bound at every fourth epoch's pipeline save; the report's seeds
-# are fixed (sampling.sample's seed 0), never chosen after the run.
+# DATA: the 1,750-image copy, whose `train` split gives the 64 held-out images every CPU pets run holds out (seed 0);
+# FULL: the full copy, whose 7,351 clean images (`train` + `stretched_unsquashed`) less those 64 are trained on;
+# both written as Parquet files into OUT/data. PLAN: the whole run's training time (default 150m), over which the
+# learning rate decays linearly to zero and which ends the run (a resume keeps the plan it started with).
+# The recipe (docs/cpu-pets.md; how it was chosen: benchmarks/RESULTS.md): narrow-32px (32/64/128 channels,
+# attention at 8x8), batch 16, min-SNR γ 5, squaredcos_cap_v2 betas, peak lr 1e-3 after 100 warm-up steps, bf16
+# where the CPU has it; held-out loss every 1,500 steps, a checkpoint every 750 (all kept: a guide may be taken from
+# an early one), a grid every 1,500, the bound at every fourth epoch. Then `pets-diffusion report OUT/run`.
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
-    echo "usage: FULL=FULL_COPY bash benchmarks/cpu_pets.sh DATA OUT [BUDGET] [train_unconditional.py flags]" >&2
+    echo "usage: FULL=FULL_COPY bash benchmarks/cpu_pets.sh DATA OUT [PLAN] [train_unconditional.py flags]" >&2
     exit 2
 fi
-DATA=$(realpath "$1") OUT=$2 BUDGET=${3:-150m}
+DATA=$(realpath "$1") OUT=$2 PLAN=${3:-150m}
 shift $(($# < 3 ? $# : 3))
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-export BATCH=16 VALIDATION_IMAGES=${VALIDATION_IMAGES:-64} PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
-mkdir -p "$OUT"
-[[ -f $OUT/data/full.parquet ]] ||
-    "$PYTHON" "$ROOT/benchmarks/pets_data.py" "$DATA" "${FULL:?FULL: the oxford-pets-64-full copy}" "$OUT/data" "$VALIDATION_IMAGES" \
-        >"$OUT/data.log" 2>&1
-plan=(--lr_schedule_time "${PLAN:-$BUDGET}")  # a new run's plan; a resumed one keeps its own unless PLAN is given
-[[ -z ${PLAN:-} ]] && compgen -G "$OUT/run/checkpoint-*" >/dev/null && plan=()
-recipe=(
-    --model_config_name_or_path "$ROOT/benchmarks/configs/small-32px.json" --resolution 32
-    --validation_dataset "$OUT/data/heldout.parquet"
-    --ddpm_beta_schedule squaredcos_cap_v2 --snr_gamma 5 --learning_rate 1e-3 --lr_warmup_steps 100
-    --lr_scheduler linear "${plan[@]}" --validation_steps 560
-    --checkpointing_steps 280 --checkpoints_total_limit 3 --save_images_steps 560 --save_model_epochs 4
-    --resume_from_checkpoint latest
-)
-exec bash "$ROOT/benchmarks/reference_run.sh" "$OUT/data/full.parquet" "$BUDGET" "$OUT" "${recipe[@]}" "$@"
+PYTHON=${PYTHON:-$ROOT/.venv/bin/python} HELD_OUT=${VALIDATION_IMAGES:-64}
+mkdir -p "$OUT/data"
+if [[ ! -f $OUT/data/full.parquet ]]; then
+    "$PYTHON" - "$DATA" "${FULL:?FULL: the oxford-pets-64-full copy}" "$OUT/data" "$HELD_OUT" <<'PY' >"$OUT/data.log" 2>&1
+import sys
+from datasets import concatenate_datasets
+from pets_diffusion.data import hold_out, load_dataset_folder
+source, full, out, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+train = load_dataset_folder(source, "train")
+_, _, held = hold_out(range(len(train)), count, seed=0)
+names = set(train.select(held)["file_name"])
+train.select(held).to_parquet(f"{out}/heldout.parquet")
+clean = concatenate_datasets([load_dataset_folder(full, split) for split in ("train", "stretched_unsquashed")])
+clean.filter(lambda name: name not in names, input_columns="file_name").to_parquet(f"{out}/full.parquet")
+PY
+fi
+limit=()
+[[ -n ${MAX_TRAIN_TIME:-} ]] && limit=(--max_train_time "$MAX_TRAIN_TIME")
+THREADS=${OMP_NUM_THREADS:-$(nproc)}
+command=("$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --num_cpu_threads_per_process
+    "$THREADS" --mixed_precision no --dynamo_backend no "$ROOT/train_unconditional.py"
+    --dataset_name "$OUT/data/full.parquet" --validation_dataset "$OUT/data/heldout.parquet"
+    --validation_images "$HELD_OUT" --output_dir "$OUT/run" --seed 0 --resolution 32
+    --model_config_name_or_path "$ROOT/benchmarks/configs/narrow-32px.json" --train_batch_size 16
+    --mixed_precision auto --ddpm_beta_schedule squaredcos_cap_v2 --snr_gamma 5
+    --learning_rate 1e-3 --lr_warmup_steps 100 --lr_scheduler linear --lr_schedule_time "$PLAN"
+    --validation_steps 1500 --validation_bpd_timesteps 50 --checkpointing_steps 750 --save_images_steps 1500
+    --eval_batch_size 16 --ddpm_num_inference_steps 100 --save_model_epochs 4
+    --resume_from_checkpoint latest "${limit[@]}" "$@")
+echo "CPU pets, plan $PLAN${MAX_TRAIN_TIME:+, this invocation at most $MAX_TRAIN_TIME}: ${command[*]}"
+status=0
+"${command[@]}" >>"$OUT/train.log" 2>&1 || status=$?
+tr '\r' '\n' <"$OUT/train.log" | grep -E "error|spent|Saved .*checkpoint" | tail -n 3 || true
+[[ $status == 0 ]] || { echo "training failed (exit $status); see $OUT/train.log" >&2; exit 1; }
+echo "${command[*]}" >"$OUT/command.txt"
+"$PYTHON" -m pets_diffusion.cli report "$OUT/run" --out "$OUT/report" ${REPORT_FLAGS:-}

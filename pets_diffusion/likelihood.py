@@ -200,6 +200,11 @@ def paired_difference(first: dict, second: dict, key: str = "bpd_per_image") -> 
     Measured with the same images, seed and timesteps, two models' bounds share most of their noise
     (which images, which t, which x_t); the per-image differences cancel it.
     """
+    if first.get("objective", second.get("objective")) != second.get("objective", first.get("objective")):
+        raise ValueError(
+            f"the losses are of models trained with {first['objective']} and {second['objective']}: other "
+            "quantities, not a paired difference; compare models of one prediction type and noise schedule."
+        )
     a, b = torch.tensor(first[key]), torch.tensor(second[key])
     if a.shape != b.shape:
         raise ValueError(f"the bounds are of {len(a)} and {len(b)} images; a paired difference needs the same ones.")

@@ -8,7 +8,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.utils import make_image_grid
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from .guidance import scheduler_input
@@ -130,6 +130,21 @@ def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
     rows = math.ceil(len(images) / columns)
     blank = Image.new(images[0].mode, images[0].size)
     return make_image_grid(images + [blank] * (rows * columns - len(images)), rows, columns)
+
+
+def labelled_sheet(names: list[str], grids: list[Image.Image], columns: int = 4) -> Image.Image:
+    """Grids side by side, `columns` to a row, each under its name (runs, guidance scales, ...)."""
+    label, gap = 18, 8
+    width, height = grids[0].size
+    rows = -(-len(grids) // columns)
+    sheet = Image.new("RGB", (columns * (width + gap) + gap, rows * (height + label + gap) + gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, (name, picture) in enumerate(zip(names, grids)):
+        x = gap + (index % columns) * (width + gap)
+        y = gap + (index // columns) * (height + label + gap)
+        draw.text((x, y + 2), name, fill="black", font=ImageFont.load_default(size=14))
+        sheet.paste(picture, (x, y + label))
+    return sheet
 
 
 def predicted_original(scheduler, sample: torch.Tensor, model_output: torch.Tensor, timestep) -> torch.Tensor:

@@ -50,7 +50,7 @@ def test_push_then_load_with_only_diffusers(hub, training_output, tmp_path):
     repo = hub.state.repos["tester/pets-ddpm"]
     assert repo.private and len(repo.commits) == 1
     assert set(repo.branches["main"]) == EXPECTED_REPO_FILES
-    assert repo.branches["main"]["samples.png"] == (training_output / "samples" / "step-0000004.png").read_bytes()
+    assert_card_samples_are_the_shipped_weights(repo.branches["main"], tmp_path / "download")
     model_index = json.loads(repo.branches["main"]["model_index.json"])
     assert model_index["unet"] == ["pets_unet", "PetsUNet2DModel"]
     unet_source = Path(sys.modules[PetsUNet2DModel.__module__].__file__).read_bytes()
@@ -162,14 +162,37 @@ def test_the_model_card_is_complete_and_its_images_exist(hub, training_output, t
     assert "{{" not in card
 
 
-def test_a_card_without_images_references_none(training_output, tmp_path):
+def test_a_card_draws_its_samples_from_the_shipped_weights_and_shows_no_missing_loss_curve(training_output, tmp_path):
     plain = tmp_path / "plain"
     shutil.copytree(training_output, plain, ignore=shutil.ignore_patterns("samples", "loss_curve.png", "checkpoint-*"))
     export_dir = export_for_hub(plain, tmp_path / "export", "tester/plain")
     card = (export_dir / "README.md").read_text()
-    assert re.findall(r"!\[[^\]]*\]\(([^)]*)\)", card) == []
-    assert "No sample grid was saved with this run: `pets-diffusion sample tester/plain --out grid.png`" in card
+    assert re.findall(r"!\[[^\]]*\]\(\./([^)]*)\)", card) == ["samples.png"]
+    assert "samples drawn from these weights when the card was written: DPM-Solver++, 25 steps, seed 0" in card
     assert "{%" not in card and "{{" not in card
+
+
+def card_grid(pipeline_dir: Path) -> np.ndarray:
+    """The card's grid drawn again from a pipeline folder's weights, as hub.CARD_SAMPLES says, without hub's code."""
+    from pets_diffusion.pipeline_folder import load_sampling_model
+
+    unet, _ = load_sampling_model(str(pipeline_dir), "cpu", "float32")
+    config = DDPMScheduler.load_config(pipeline_dir, subfolder="scheduler")
+    images = sampling.sample(unet, sampling.make_scheduler("dpmsolver", config), 16, 25, seed=0)
+    return np.asarray(sampling.grid(images))
+
+
+def assert_card_samples_are_the_shipped_weights(files: dict, folder: Path) -> None:
+    """Write the pushed repo's files to `folder`, draw the card's grid from its weights: the same pixels."""
+    from PIL import Image
+
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    index = json.loads(files["model_index.json"])
+    local = {key: ["pets_diffusion.unet", "PetsUNet2DModel"] for key in ("unet", "guide") if key in index}
+    (folder / "model_index.json").write_text(json.dumps(index | local))  # the package's class, not remote code
+    assert np.array_equal(np.asarray(Image.open(folder / "samples.png")), card_grid(folder))
 
 
 def test_sample_command_and_package_load_from_the_hub(hub, training_output, tmp_path):
@@ -274,7 +297,7 @@ def test_push_with_space_makes_a_gradio_space_whose_app_serves_the_model(hub, tr
     assert space.sdk == "gradio" and "tester/pets-demo" not in hub.state.repos
     files = space.branches["main"]
     modules = {f"pets_diffusion_demo/{name}" for name in ("__init__.py", "demo.py", "sampling.py", "objective.py",
-                                                          "hardware.py", "records.py")}  # fmt: skip
+                                                          "guidance.py", "hardware.py", "storage.py")}  # fmt: skip
     assert set(files) == {"app.py", "requirements.txt", "README.md", *modules}
     package = Path(sys.modules[PetsUNet2DModel.__module__].__file__).parent
     for name in modules - {"pets_diffusion_demo/__init__.py"}:  # the installed package's own modules
@@ -410,3 +433,75 @@ def test_a_space_for_a_model_of_unknown_or_other_data_claims_neither_its_licence
     front_matter = yaml.safe_load((export_space("tester/pets", tmp_path / "pets", pets) / "README.md").read_text()
                                   .split("---\n")[1])  # fmt: skip
     assert front_matter["license"] == "cc-by-sa-4.0" and front_matter["short_description"].startswith("Cats and dogs")
+
+
+LOAD_GUIDED_WITH_ONLY_DIFFUSERS = """
+import sys
+sys.modules["pets_diffusion"] = None  # this process cannot import pets_diffusion
+import numpy, torch
+from diffusers import DDPMPipeline, DiffusionPipeline
+plain = DDPMPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+assert set(plain.components) == {"unet", "scheduler"}
+guided = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline="autoguided_pipeline", trust_remote_code=True)
+assert type(guided).__name__ == "AutoGuidedDDPMPipeline" and "pets_diffusion" not in type(guided).__module__
+assert guided.config.guidance_scale == 2.0 and type(guided.guide).__name__ == "PetsUNet2DModel"
+draw = lambda pipeline, **kw: pipeline(batch_size=2, num_inference_steps=4, output_type="np",
+                                       generator=torch.Generator().manual_seed(0), **kw).images
+unguided, at_1, at_2 = draw(plain), draw(guided, guidance_scale=1.0), draw(guided)
+assert numpy.array_equal(unguided, at_1) and not numpy.array_equal(unguided, at_2)
+print("guided and unguided")
+"""
+
+
+def test_a_guided_pipeline_round_trips_through_the_hub_and_loads_in_plain_diffusers_both_ways(
+    hub, training_output, tmp_path
+):
+    from pets_diffusion.pipeline_folder import attach_guide
+
+    guided = tmp_path / "guided"
+    shutil.copytree(training_output, guided)
+    torch.manual_seed(1)
+    weaker = PetsUNet2DModel.from_pretrained(training_output, subfolder="unet")
+    with torch.no_grad():
+        for parameter in weaker.parameters():
+            parameter.mul_(0.9)
+    attach_guide(guided, weaker, 2.0, None)
+    assert push(hub, tmp_path, guided, "tester/guided").returncode == 0
+    files = hub.state.repos["tester/guided"].branches["main"]
+    assert {"guide/config.json", "guide/diffusion_pytorch_model.safetensors", "guide/pets_unet.py",
+            "autoguided_pipeline.py"} <= set(files)  # fmt: skip
+    index = json.loads(files["model_index.json"])
+    assert index["_class_name"] == "DDPMPipeline" and index["guide"] == ["pets_unet", "PetsUNet2DModel"]
+    card = files["README.md"].decode()
+    assert 'custom_pipeline="autoguided_pipeline"' in card and "guided by guide/ at W = 2" in card
+    assert_card_samples_are_the_shipped_weights(files, tmp_path / "download")
+    load = subprocess.run([sys.executable, "-c", LOAD_GUIDED_WITH_ONLY_DIFFUSERS, "tester/guided"],
+                          env=hub_env(hub, tmp_path), capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)  # fmt: skip
+    assert load.returncode == 0, load.stderr[-3000:]
+    assert "guided and unguided" in load.stdout
+
+
+def test_a_pushed_cards_bits_per_dim_are_those_of_the_weights_it_ships(hub, tmp_path):
+    from pets_diffusion.evaluation import RunImages
+    from pets_diffusion.likelihood import bits_per_dim
+
+    from .helpers import launch, make_image_folder, tiny_training_args, write_tiny_config
+
+    output = tmp_path / "measured"
+    data = make_image_folder(tmp_path / "images", count=12)
+    launch(tiny_training_args(data, write_tiny_config(tmp_path / "tiny.json"), output, "--max_train_steps", "12",
+                              "--validation_images", "4", "--validation_bpd_timesteps", "5", "--post_hoc_ema",
+                              "--post_hoc_ema_every", "3", "--save_model_epochs", "1", "--checkpointing_steps", "100",
+                              "--save_images_steps", "100"))  # fmt: skip
+    assert push(hub, tmp_path, output, "tester/measured").returncode == 0
+    files = hub.state.repos["tester/measured"].branches["main"]
+    assert_card_samples_are_the_shipped_weights(files, tmp_path / "download")
+    kept = json.loads((output / "train_summary.json").read_text())["pipeline"]
+    unet = PetsUNet2DModel.from_pretrained(tmp_path / "download", subfolder="unet").eval()
+    scheduler = DDPMScheduler.from_pretrained(tmp_path / "download", subfolder="scheduler")
+    heldout = RunImages(output, "heldout", 16).as_floats()
+    bound = bits_per_dim(unet, scheduler, heldout, 5, seed=0, batch_size=4)
+    assert bound["bpd"] == pytest.approx(kept["bpd"], rel=1e-6)  # the shipped weights' own bound
+    assert f"**{kept['bpd']:.3f} ± {kept['bpd_stderr']:.3f} bits/dim**" in files["README.md"].decode()
+

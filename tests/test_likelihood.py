@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from pets_diffusion import PetsUNet2DModel
-from pets_diffusion.likelihood import bits_per_dim, heldout_loss, paired_difference
+from pets_diffusion.likelihood import bits_per_dim, heldout_loss, high_noise_loss, paired_difference
 from pets_diffusion.memorization import memorization, nearest_picture
 from pets_diffusion.objective import DiffusionTerms, diffusion_loss
 
@@ -341,6 +341,21 @@ def test_the_high_noise_loss_matches_a_hand_computation_over_the_noisier_half_of
     assert result["loss_stderr"] == pytest.approx(per_image.std().item() / 6**0.5, rel=1e-4)
     other = heldout_loss(Echo(), scheduler, images, num_timesteps=5, seed=7, batch_size=4, first_timestep=500)
     assert paired_difference(result, other, "loss_per_image") == (0.0, 0.0)  # the same model: no difference
+
+
+def test_the_high_noise_loss_has_one_definition_and_refuses_to_pair_other_objectives():
+    images = quantised_gaussian_images(6, seed=3, shape=(3, 8, 8)).float()
+    cosine = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    measured = high_noise_loss(Echo(), cosine, images, batch_size=4)
+    by_hand = heldout_loss(Echo(), cosine, images, num_timesteps=10, seed=0, batch_size=4, first_timestep=500)
+    assert measured["loss"] == by_hand["loss"] and list(measured["loss_per_timestep"])[0] == "525"
+    assert measured["objective"] == {"prediction_type": "epsilon", "beta_schedule": "squaredcos_cap_v2",
+                                     "num_train_timesteps": 1000}  # fmt: skip
+    for other in (DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                prediction_type="v_prediction"),
+                  DDPMScheduler(num_train_timesteps=1000)):  # fmt: skip
+        with pytest.raises(ValueError, match="other quantities"):
+            paired_difference(measured, high_noise_loss(Echo(), other, images, batch_size=4), "loss_per_image")
 
 
 def test_the_held_out_loss_of_an_x0_model_is_snr_weighted_as_its_training_loss_is():

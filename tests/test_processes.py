@@ -82,7 +82,7 @@ module.{name} = slowed
 @pytest.mark.parametrize(
     "module, name, survives",
     [
-        ("pets_diffusion.checkpoints", "save_pipeline", True),  # the main process saves alone: the others outwait it
+        ("pets_diffusion.pipeline_folder", "save_pipeline", True),  # the main process saves alone: others outwait it
         ("pets_diffusion.checkpoints", "write_manifest", True),  # it hashes a checkpoint's files alone: likewise
         ("pets_diffusion.objective", "diffusion_loss", False),  # a training collective: --ddp_timeout holds
     ],

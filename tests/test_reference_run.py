@@ -1,5 +1,6 @@
-"""benchmarks/lease.sh (and the reference_run.sh it calls) end to end on the CPU, at a toy scale, so that the
-one-command GPU lease cannot rot."""
+"""The benchmark tools end to end on the CPU at a toy scale, so that they cannot rot: the one-command GPU lease
+(benchmarks/lease.sh), the CPU pets recipe (cpu_pets.sh), the comparison of runs (compare_runs.py) and the guidance
+sweep (guidance_sweep.py)."""
 
 import json
 import os
@@ -22,7 +23,8 @@ def test_the_lease_command_trains_for_its_budget_chooses_the_ema_then_draws_and_
     config = write_tiny_config(tmp_path / "tiny.json")
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "PYTHON": sys.executable, "VALIDATION_IMAGES": "4", "PYTHONUNBUFFERED": "1",
-           "OUT": str(out), "WORK": str(work), "DATA": str(data), "BUDGET": "5s"}  # fmt: skip
+           "OUT": str(out), "WORK": str(work), "DATA": str(data), "BUDGET": "5s",
+           "REPORT_FLAGS": "--num-samples 64"}  # fmt: skip
     toy = ["--model_config_name_or_path", str(config), "--resolution", "16",
            "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "10", "--train_batch_size", "4",
            "--post_hoc_ema_every", "2", "--validation_bpd_timesteps", "3"]  # fmt: skip
@@ -35,7 +37,7 @@ def test_the_lease_command_trains_for_its_budget_chooses_the_ema_then_draws_and_
         "lease.log",
         "loss_curve.png",
         "memorization.png",
-        "reference_summary.json",
+        "report.json",
         "samples-ddpm.png",
         "samples-dpmsolver-25.png",
         "trajectory.png",
@@ -44,21 +46,24 @@ def test_the_lease_command_trains_for_its_budget_chooses_the_ema_then_draws_and_
     assert Image.open(out / "samples-dpmsolver-25.png").size == (8 * 16, 8 * 16)  # 64 images
     assert Image.open(out / "samples-ddpm.png").size == (4 * 16, 4 * 16)  # 16 images
     assert Image.open(out / "memorization.png").size == (8 * 16, 2 * 16)
-    summary = json.loads((out / "reference_summary.json").read_text())
-    assert summary["stopped_by_time_budget"] is True and summary["train_images"] == 12
+    summary = json.loads((out / "report.json").read_text())
+    assert json.loads((work / "run" / "train_summary.json").read_text())["stopped_by_time_budget"] is True
+    assert summary["train_images"] == 12
     assert summary["bpd_kl_timesteps"] == 19 and summary["heldout_images"] == 4  # every timestep of 20
     assert summary["bpd"] > 0 and 0 < summary["bpd_stderr"] < summary["bpd"]
-    assert summary["memorization_share"] * 64 == round(summary["memorization_share"] * 64)  # a share of 64 samples
+    drawn = summary["samples"]["unguided"]
+    assert drawn["memorization_share"] * 64 == round(drawn["memorization_share"] * 64)  # a share of 64 samples
+    assert drawn["pet_fd"] > drawn["pet_fd_real"] > 0 and drawn["images"] == 64
     assert summary["heldout_loss"] > 0
     assert summary["images_seen"] == summary["optimizer_steps"] * 4 > 0 and summary["images_per_sec_median"] > 0
     assert summary["post_hoc_ema"]["selected_by"] == "bpd"  # the EMA was chosen after training
-    command = summary["command"]
+    command = (out / "lease.log").read_text()
     assert "train_unconditional.py" in command and "--max_train_time 5s" in command and "--post_hoc_ema" in command
-    assert "--learning_rate 2e-4 --lr_warmup_steps 200" in command
+    assert "--learning_rate 2e-4 --lr_scheduler constant_with_warmup --lr_warmup_steps 200" in command
     assert summary["versions"]["torch"] == torch.__version__ and summary["device"].startswith("CPU: ")
 
 
-def test_the_cpu_pets_command_trains_in_two_resumed_pieces_then_draws_and_measures(tmp_path):
+def test_the_cpu_pets_command_trains_over_its_plan_in_two_invocations_then_draws_and_measures(tmp_path):
     faithful = [f"pet_{index}.jpg" for index in range(12)]
     data = write_pets_copy(tmp_path / "pets", {"train": faithful}, seed=0)
     full = write_pets_copy(tmp_path / "pets-full", {"train": [*faithful, "pet_12.jpg"],
@@ -66,49 +71,53 @@ def test_the_cpu_pets_command_trains_in_two_resumed_pieces_then_draws_and_measur
     config = write_tiny_config(tmp_path / "tiny.json")
     out = tmp_path / "pets"
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "FULL": str(full),
-           "VALIDATION_IMAGES": "4", "PLAN": "24s"}  # fmt: skip
+           "VALIDATION_IMAGES": "4", "REPORT_FLAGS": "--num-samples 64 --nll-timesteps 3"}  # fmt: skip
     toy = ["--model_config_name_or_path", str(config), "--resolution", "16", "--train_batch_size", "4",
            "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "10", "--validation_steps", "2",
            "--validation_bpd_timesteps", "3", "--checkpointing_steps", "2", "--save_images_steps", "2"]  # fmt: skip
-    command = ["bash", str(ROOT / "benchmarks" / "cpu_pets.sh"), str(data), str(out), "12s", *toy]
-    steps, minutes, fractions = [], [], []
-    for piece in (1, 2):
-        result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    command = ["bash", str(ROOT / "benchmarks" / "cpu_pets.sh"), str(data), str(out), "20s", *toy]
+    steps, fractions = [], []
+    for invocation, limit in ((1, "8s"), (2, "")):  # the first stopped early by MAX_TRAIN_TIME, the second by the plan
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                                env={**env, "MAX_TRAIN_TIME": limit})  # fmt: skip
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        summary = json.loads((out / "report" / "reference_summary.json").read_text())
+        summary = json.loads((out / "report" / "report.json").read_text())
         steps.append(summary["optimizer_steps"])
-        minutes.append(summary["run_minutes"])
-        fractions.append(json.loads((out / "run" / "train_summary.json").read_text())["lr_schedule"]["fraction"])
-        assert summary["stopped_by_time_budget"] is True
-        assert ("Resumed from" in (out / "train.log").read_text()) == (piece == 2)
-    assert steps[1] > steps[0] > 0  # the second piece trained on from the first's checkpoint
-    assert minutes[1] > minutes[0] > 0  # the run's minutes add up over its pieces
-    assert 0.45 < fractions[0] < 0.8 and fractions[1] == 1.0  # the 24-second plan ends where the second piece does
+        fractions.append(summary["lr_schedule"]["fraction"])
+        assert ("Resumed from" in (out / "train.log").read_text()) == (invocation == 2)
+    assert "--max_train_time 8s ends this invocation before --lr_schedule_time's plan is spent" in (
+        out / "train.log").read_text()  # fmt: skip
+    assert steps[1] > steps[0] > 0  # the second invocation trained on from the first's checkpoint
+    assert 0 < fractions[0] < 1 and fractions[1] == 1.0  # the 20-second plan ends where the second one does
     assert summary["heldout_loss_high_noise"] > 0 and summary["progress"]["high_noise"]
     assert summary["train_images"] == 14 - 4  # the full copy less the held-out photos
     grids = summary["progress"]["grids"]
     assert [grid["step"] for grid in grids] == sorted(grid["step"] for grid in grids) and grids[-1]["step"] == steps[1]
-    assert [grid["minutes"] for grid in grids] == sorted(grid["minutes"] for grid in grids)
     assert all(bound["bpd"] > 0 and bound["bpd_stderr"] > 0 for bound in summary["progress"]["bounds"])
-    command_line = summary["command"]
+    command_line = (out / "command.txt").read_text()
     assert "--ddpm_beta_schedule squaredcos_cap_v2" in command_line
     assert "--resume_from_checkpoint latest" in command_line
-    assert summary["heldout_images"] == 4 and summary["bpd_kl_timesteps"] == 19 and summary["bpd"] > 0
-    assert 0 <= summary["memorization_share"] <= 1
-    for picture in (
-        "samples-dpmsolver-25.png",
-        "samples-ddpm.png",
-        "trajectory.png",
-        "memorization.png",
-        "progress.png",
-    ):
+    assert summary["heldout_images"] == 4 and summary["bpd_kl_timesteps"] == 3 and summary["bpd"] > 0
+    assert 0 <= summary["samples"]["unguided"]["memorization_share"] <= 1
+    for picture in ("samples-dpmsolver-25.png", "samples-ddpm.png", "trajectory.png", "memorization.png",
+                    "progress.png"):  # fmt: skip
         assert Image.open(out / "report" / picture).size[0] > 0, picture
-    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recipe_table.py"), str(out / "run")],
-                           capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()  # fmt: skip
-    cells = [cell.strip() for cell in table[2].strip("|").split("|")]  # the recipe table's row of this run
-    assert cells[:9] == ["run", "tiny", "full.parquet", "squaredcos_cap_v2", "0.001 linear over 0.4 min", "4",
-                         "epsilon, min-SNR γ 5", str(steps[1]), f"{steps[1] * 4:,}"]  # fmt: skip
     compare_two_outs_of_the_same_data(out, tmp_path)
+    sweep_guidance(out, tmp_path)
+
+
+def sweep_guidance(out, tmp_path):
+    """guidance_sweep.py guides the run with one of its own early checkpoints: a sheet and a row per setting."""
+    early = sorted((out / "run").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))[0]
+    sweep = [sys.executable, str(ROOT / "benchmarks" / "guidance_sweep.py"), str(out / "run"), "--guides",
+             str(early), "--scales", "1,2", "--intervals", "5-15", "--num-images", "32",
+             "--out", str(tmp_path / "sweep")]  # fmt: skip
+    result = subprocess.run(sweep, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
+    assert [row["setting"] for row in rows] == ["unguided", f"{early.name} W 2", f"{early.name} W 2 t 5-15"]
+    assert all(row["pet_fd"] > 0 and row["pet_fd_stderr"] > 0 for row in rows)
+    assert Image.open(tmp_path / "sweep" / "sheet.png").size[0] > 3 * 64
 
 
 def compare_two_outs_of_the_same_data(out, tmp_path):
@@ -135,7 +144,8 @@ def compare_two_outs_of_the_same_data(out, tmp_path):
 
 
 @pytest.mark.parametrize(("name", "widths", "millions"), [("small-32px", [64, 128, 256], 12.3),
-                                                        ("narrow-32px", [32, 64, 128], 3.0)])  # fmt: skip
+                                                        ("narrow-32px", [32, 64, 128], 3.0),
+                                                        ("guide-32px", [16, 32, 64], 0.8)])  # fmt: skip
 def test_the_cpu_pets_model_configs_load_and_train_a_step(tmp_path, name, widths, millions):
     data = make_image_folder(tmp_path / "images", count=4, size=(40, 40))
     output = tmp_path / "run"

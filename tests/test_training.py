@@ -232,16 +232,17 @@ def test_validation_dataset_validates_on_its_first_images_and_evaluate_finds_the
     assert report["metrics"]["bpd"] == pytest.approx(summary["validation"]["bpd"], rel=1e-6)
 
 
-def test_a_learning_rate_planned_over_time_reaches_its_lowest_where_the_second_resumed_piece_stops(workspace, tmp_path):
+def test_a_learning_rate_planned_over_training_time_reaches_its_lowest_where_the_plan_ends_the_run(workspace, tmp_path):
     output = tmp_path / "planned"
-    common = ["--max_train_steps", "100000", "--checkpointing_steps", "100000", "--save_images_steps", "100000",
-              "--save_model_epochs", "100000", "--learning_rate", "1e-3", "--lr_scheduler", "linear",
-              "--max_train_time", "6s", "--resume_from_checkpoint", "latest"]  # fmt: skip
-    first = launch(tiny_training_args(workspace["data"], workspace["config"], output, *common,
+    common = ["--checkpointing_steps", "100000", "--save_images_steps", "100000", "--save_model_epochs", "100000",
+              "--learning_rate", "1e-3", "--lr_scheduler", "linear", "--resume_from_checkpoint", "latest"]  # fmt: skip
+    first = launch(tiny_training_args(workspace["data"], workspace["config"], output, *common, "--max_train_time", "6s",
                                       "--lr_schedule_time", "12s"))  # fmt: skip
     assert "--max_train_time spent" in first.stderr
+    assert "--max_train_time 6 s ends this invocation before --lr_schedule_time's plan is spent" in first.stderr
     plan = json.loads((output / "train_summary.json").read_text())["lr_schedule"]
-    assert plan["planned_s"] == 12.0 and 0.45 < plan["fraction"] < 0.8  # 6 s of 12, and the step it stopped at
+    # 6 s of wall clock hold less than 6 s of training: start-up is not plan time.
+    assert plan["planned_s"] == 12.0 and 0.05 < plan["fraction"] < 0.5
     assert plan["lr"] == pytest.approx(1e-3 * (1 - plan["fraction"]), abs=0.05e-3)  # linear in the time spent
     end_of_first = len(read_scalars(output / "logs", "lr"))
     second = launch(tiny_training_args(workspace["data"], workspace["config"], output, *common))  # the plan kept
@@ -251,11 +252,28 @@ def test_a_learning_rate_planned_over_time_reaches_its_lowest_where_the_second_r
     summary = json.loads((output / "train_summary.json").read_text())
     assert summary["lr_schedule"]["fraction"] == 1.0 and summary["stopped_by_time_budget"]
     rates = [value for _, value in read_scalars(output / "logs", "lr")]
-    assert rates[-1] < 0.02e-3  # the lowest rate, where the second piece stopped
+    assert rates[-1] < 0.02e-3  # the lowest rate, where the plan ended the run
     assert all(
         later <= earlier for earlier, later in zip(rates[1:], rates[2:])
     )  # falling all the way (after warm-up 0)
-    assert abs(rates[end_of_first] - rates[end_of_first - 1]) < 0.1e-3  # the second piece went on from the first's
+    assert abs(rates[end_of_first] - rates[end_of_first - 1]) < 0.1e-3  # the second invocation went on from the first
     refused = launch(tiny_training_args(workspace["data"], workspace["config"], output, *common,
                                         "--lr_schedule_time", "1h"), check=False)  # fmt: skip
     assert refused.returncode != 0 and "lr_schedule_time 12.0 -> 3600.0" in refused.stderr
+
+
+def test_the_plan_counts_training_time_only_and_a_step_limit_that_ends_it_first_is_named(workspace, tmp_path):
+    output = tmp_path / "busy"
+    # A sample grid of 20 DDPM steps after every training step: most of the wall clock is not training.
+    result = launch(tiny_training_args(workspace["data"], workspace["config"], output, "--lr_schedule_time", "2s",
+                                       "--save_images_steps", "1", "--ddpm_num_inference_steps", "20",
+                                       "--checkpointing_steps", "100000", "--lr_scheduler", "linear"))  # fmt: skip
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["lr_schedule"]["fraction"] == 1.0 and "--lr_schedule_time spent" in result.stderr
+    assert summary["wall_time_s"] > 2 * summary["lr_schedule"]["elapsed_s"] >= 2 * 2.0
+    limited = launch(tiny_training_args(workspace["data"], workspace["config"], tmp_path / "limited",
+                                        "--lr_schedule_time", "10m", "--max_train_steps", "60", "--save_images_steps",
+                                        "100000", "--checkpointing_steps", "100000"))  # fmt: skip
+    (line,) = [line for line in limited.stderr.splitlines() if "the step limit (60 steps" in line]
+    assert "ends the run at about" in line and "% of --lr_schedule_time's plan" in line
+
