@@ -66,11 +66,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="compare: steps per run; profile: steps profiled.")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--configurations", default="eager,compile,2proc,2proc+compile")
+    parser.add_argument("--flags", default="", help="More train_unconditional.py flags (a toy model, for the tests).")
     options = parser.parse_args()
+    extra = options.flags.split()
     if options.mode == "profile":
-        profile_step(options.data, min(options.steps, 20))
+        profile_step(options.data, min(options.steps, 20), extra)
     else:
-        compare(options.data, options.steps, options.rounds, options.configurations.split(","))
+        compare(options.data, options.steps, options.rounds, options.configurations.split(","), extra)
 
 
 def recipe_args(data: str, output: str, extra: list[str]) -> list[str]:
@@ -78,12 +80,12 @@ def recipe_args(data: str, output: str, extra: list[str]) -> list[str]:
     return [flag, data, "--output_dir", output, *RECIPE, *extra]
 
 
-def profile_step(data: str, steps: int) -> None:
+def profile_step(data: str, steps: int, flags: list[str]) -> None:
     from pets_diffusion.options import parse_args, validate_args
     from pets_diffusion.train_loop import TrainLoop
 
     with tempfile.TemporaryDirectory() as output:
-        args = parse_args(recipe_args(data, output, ["--max_train_steps", "100000"]))
+        args = parse_args(recipe_args(data, output, ["--max_train_steps", "100000", *flags]))
         validate_args(args)
         loop = TrainLoop(args)
         loop.progress = _Quiet()
@@ -120,9 +122,11 @@ def profile_step(data: str, steps: int) -> None:
         flops = counter.get_total_flops()
     peak = matmul_peak()
     events = profiler.key_averages()
-    print(f"# CPU pets training step: narrow-32px, batch 16, {loop.accelerator.mixed_precision}, "
+    print(f"# CPU pets training step: {Path(args.model_config_name_or_path).stem}, batch {args.train_batch_size}, "
+          f"{loop.accelerator.mixed_precision}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; {steps} steps profiled")  # fmt: skip
-    print(f"step {step_s * 1e3:.1f} ms unprofiled = {16 / step_s:.1f} images/s; forward and backward "
+    rate = args.train_batch_size / step_s
+    print(f"step {step_s * 1e3:.1f} ms unprofiled = {rate:.1f} images/s; forward and backward "
           f"{flops / 1e9:.2f} GFLOP = {flops / step_s / 1e9:.0f} GFLOP/s, {100 * flops / step_s / peak:.1f} % of "
           f"this CPU's bf16 matmul peak ({peak / 1e9:.0f} GFLOP/s)\n")  # fmt: skip
     print("| phase | ms per step | share |\n|---|---:|---:|")
@@ -161,14 +165,14 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / best
 
 
-def compare(data: str, steps: int, rounds: int, names: list[str]) -> None:
+def compare(data: str, steps: int, rounds: int, names: list[str], flags: list[str]) -> None:
     from pets_diffusion.progress import read_scalars
 
     results = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as work:
         for round_ in range(rounds):
             for name in names:
-                flags, processes = CONFIGURATIONS[name]
+                processes = CONFIGURATIONS[name][1]
                 output = Path(work) / f"{name}-{round_}"
                 threads = max(1, torch.get_num_threads() // processes)
                 batch = ["--train_batch_size", str(16 // processes)]
@@ -177,7 +181,7 @@ def compare(data: str, steps: int, rounds: int, names: list[str]) -> None:
                             "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
                 if processes > 1:
                     launcher += ["--multi_gpu", "--main_process_port", "0"]
-                extra = ["--max_train_steps", str(steps), *flags, *batch]
+                extra = ["--max_train_steps", str(steps), *CONFIGURATIONS[name][0], *batch, *flags]
                 command = [*launcher, str(ROOT / "train_unconditional.py"), *recipe_args(data, str(output), extra)]
                 env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
                 subprocess.run(command, check=True, capture_output=True, env=env)

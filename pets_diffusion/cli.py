@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(run=run_push)
 
     demo = commands.add_parser("demo", help="A web page that generates images as you watch (Gradio).")
-    demo.add_argument("model", help="A pipeline folder or a Hub repo id.")
+    demo.add_argument("model", nargs="?", default=None,
+                      help="A pipeline folder or Hub repo id (default: examples/cpu-pets in a checkout).")  # fmt: skip
     demo.add_argument(
         "--host", default="127.0.0.1", help="Address to serve on (default: %(default)s, this machine only)."
     )
@@ -273,10 +274,11 @@ def run_demo(args) -> None:
     except ImportError as error:
         raise ValueError(f"the demo needs Gradio ({error}): pip install 'pets-diffusion[demo]'") from None
 
-    unet, guide, folder = load_demo_model(args.model, args.device, args.dtype)
+    model = args.model or example_model()
+    unet, guide, folder = load_demo_model(model, args.device, args.dtype)
     config = sampling_scheduler_config(folder)
     facts = demo.card_facts(folder, unet)
-    page = demo.build_demo(unet, config, f"pets-diffusion: {Path(args.model).name}", facts, guide)
+    page = demo.build_demo(unet, config, f"pets-diffusion: {Path(model).name}", facts, guide)
     demo.launch(page, args.host, args.port, args.share, args.max_queue)
 
 
@@ -364,6 +366,19 @@ def _load_sampler(args):
     if steps > most:
         raise ValueError(f"--steps {steps}: {args.scheduler} takes at most {most} steps with this model; use fewer.")
     return unet, sampling.make_scheduler(args.scheduler, config), steps
+
+
+EXAMPLE_MODEL = Path(__file__).resolve().parents[1] / "examples" / "cpu-pets"
+
+
+def example_model() -> str:
+    """The trained example that ships with a checkout (examples/cpu-pets), for `demo` without a model."""
+    if not (EXAMPLE_MODEL / "model_index.json").is_file():
+        raise FileNotFoundError(
+            "no model named and no examples/cpu-pets beside this installation (it ships with a checkout, not the "
+            "wheel): give a pipeline folder or a Hub repo id."
+        )
+    return str(EXAMPLE_MODEL)
 
 
 def load_demo_model(model: str, device: str | None, dtype: str):

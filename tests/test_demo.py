@@ -15,7 +15,8 @@ from diffusers import DDPMScheduler
 gr = pytest.importorskip("gradio", reason="the demo extra (Gradio) is not installed")
 
 from pets_diffusion import sampling  # noqa: E402
-from pets_diffusion.demo import DemoSampler, build_demo, launch  # noqa: E402
+from pets_diffusion.demo import DemoSampler, Guide, build_demo, launch  # noqa: E402
+from pets_diffusion.guidance import AutoGuidedUNet  # noqa: E402
 
 STEPS = 50
 
@@ -49,6 +50,29 @@ def test_the_page_makes_the_images_sample_makes_and_streams_the_denoising(genera
         from PIL import Image
 
         assert np.array_equal(np.asarray(Image.open(saved).convert("RGB")), np.asarray(grid))
+
+
+def test_a_model_with_a_guide_samples_guided_at_the_sliders_w_and_unguided_at_1(tiny_unet):
+    import copy
+
+    import torch
+
+    weaker = copy.deepcopy(tiny_unet)
+    with torch.no_grad():
+        for parameter in weaker.parameters():
+            parameter.mul_(0.8)
+    config = DDPMScheduler(num_train_timesteps=STEPS).config
+    generator = DemoSampler(tiny_unet, config, Guide(weaker, 2.0, None))
+    _, guided, _, _, status = run(generator, 2, 5, False, "dpmsolver", 6, 2.5)
+    scheduler = sampling.make_scheduler("dpmsolver", config)
+    expected = sampling.sample(AutoGuidedUNet(tiny_unet, weaker, 2.5), scheduler, 2, 6, seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(guided), pixels(expected), strict=True))
+    assert status.endswith("6 steps, guidance 2.5.")
+    _, plain, _, _, status = run(generator, 2, 5, False, "dpmsolver", 6, 1.0)
+    unguided = sampling.sample(tiny_unet, sampling.make_scheduler("dpmsolver", config), 2, 6, seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(plain), pixels(unguided), strict=True))
+    with pytest.raises(gr.Error, match="Guidance must be from 0 to 5"):
+        run(generator, 2, 5, False, "dpmsolver", 6, 9.0)
 
 
 def test_a_random_seed_is_shown_and_makes_the_same_images_again(tiny_unet):

@@ -38,7 +38,7 @@ def test_the_package_modules_import_each_other_without_cycles():
             if isinstance(node, ast.ImportFrom) and node.level == 1:
                 names |= {node.module} if node.module else {alias.name for alias in node.names}
         imports[path.stem] = names & {p.stem for p in package.glob("*.py")}
-    assert imports["options"] and imports["training"]  # the scan sees relative imports
+    assert imports["options"] and imports["train_loop"]  # the scan sees relative imports
 
     def visit(module, stack):
         assert module not in stack, f"import cycle: {' -> '.join([*stack, module])}"

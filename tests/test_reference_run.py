@@ -157,3 +157,24 @@ def test_the_cpu_pets_model_configs_load_and_train_a_step(tmp_path, name, widths
     assert unet.config.sample_size == 32 and list(unet.config.block_out_channels) == widths
     assert round(unet.num_parameters() / 1e6, 1) == millions
     assert json.loads((output / "train_summary.json").read_text())["global_step"] == 1
+
+
+def test_the_speed_benchmarks_run_at_toy_scale(tmp_path):
+    data = make_image_folder(tmp_path / "images", count=24, size=(40, 40))
+    config = write_tiny_config(tmp_path / "tiny.json")
+    toy = f"--model_config_name_or_path {config} --resolution 16 --train_batch_size 4 --ddpm_num_steps 20"
+    step = [sys.executable, str(ROOT / "benchmarks" / "train_step.py")]
+    profiled = subprocess.run([*step, "profile", str(data), "--steps", "3", "--flags", toy], capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+    assert profiled.returncode == 0, profiled.stderr[-3000:]
+    assert "% of this CPU's bf16 matmul peak" in profiled.stdout and "| forward, loss and backward |" in profiled.stdout
+    assert "| convolutions |" in profiled.stdout and "| EMA |" in profiled.stdout
+    compared = subprocess.run([*step, "compare", str(data), "--steps", "6", "--rounds", "1", "--configurations",
+                               "eager,2proc", "--flags", toy], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert "| eager |" in compared.stdout and "| 2proc |" in compared.stdout and "| 1.00 |" in compared.stdout
+    bench = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_unet.py"), "--model-config", str(config),
+                            "--resolution", "16", "--runs", "1", "--warmup", "1", "--train-batch", "2",
+                            "--infer-batch", "2"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    assert "| train images/s |" in bench.stdout
