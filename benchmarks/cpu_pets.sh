@@ -29,8 +29,12 @@ if [[ ! -f $OUT/data/full.parquet ]]; then
     "$PYTHON" - "$DATA" "${FULL:?FULL: the oxford-pets-64-full copy}" "$OUT/data" "$HELD_OUT" <<'PY' >"$OUT/data.log" 2>&1
 import sys
 from datasets import concatenate_datasets
+from huggingface_hub import DatasetCard, DatasetCardData
 from pets_diffusion.data import hold_out, load_dataset_folder
 source, full, out, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+meta = DatasetCard.load(f"{full}/README.md").data.to_dict()  # the copies' name and licence go with their files
+meta = DatasetCardData(**{key: meta[key] for key in ("license", "pretty_name") if key in meta}).to_yaml()
+DatasetCard(f"---\n{meta}\n---\nMade by benchmarks/cpu_pets.sh from {source} and {full}.\n").save(f"{out}/README.md")
 train = load_dataset_folder(source, "train")
 _, _, held = hold_out(range(len(train)), count, seed=0)
 names = set(train.select(held)["file_name"])

@@ -49,8 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
         "guide", help="Give a pipeline a guide (a weaker model of the same kind) and the guidance it samples with."
     )
     guide.add_argument("model", type=Path, help="The pipeline folder (a training output) to guide.")
-    guide.add_argument("--from", dest="source", type=Path, default=None,
-                       help="The guide: a pipeline, checkpoint or UNet folder (default: the pipeline's own).")
+    guide.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        default=None,
+        help="The guide: a pipeline, checkpoint or UNet folder (default: the pipeline's own).",
+    )
     guide.add_argument("--guidance-scale", type=float_range(0.0), required=True,
                        help="W of D_guide + W (D_model - D_guide): 1 samples unguided.")  # fmt: skip
     guide.add_argument("--guidance-interval", type=timestep_interval, default=None,

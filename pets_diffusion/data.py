@@ -291,4 +291,3 @@ def breed_images(source: str, splits: list[str], resolution: int) -> tuple[torch
     breeds = sorted(set(names))
     labels = torch.tensor([breeds.index(name) for name in names])
     return evaluation_tensor(images, resolution), labels, breeds
-

@@ -205,7 +205,9 @@ def evaluate(
 
     nll and loss score the held-out images under the model; memorization and FID/KID compare
     `num_samples` generated images with them (memorization also with the training images:
-    `train_reference`, a (dataset, split), or else those `run_dir` trained on). `split="heldout"`
+    `train_reference`, a (dataset, split), or else those `run_dir` trained on). A guided model
+    (`guidance.AutoGuidedUNet`) draws the samples; its main UNet alone is scored by nll and loss (guidance
+    changes the sampler, not the model's likelihood). `split="heldout"`
     takes the images the training run in `run_dir` held out. With a report path, memorization's
     picture is written beside the report as `memorization.png`.
     """
@@ -220,6 +222,7 @@ def evaluate(
     started = time.perf_counter()
     fidelity_metrics = [name for name in metrics if name in ("fid", "kid")]
     weights = inception_weights_path(inception_weights) if fidelity_metrics else None
+    sampler, unet = unet, getattr(unet, "unet", unet)  # a guided model samples; its main UNet has the likelihood
     resolution = unet.config.sample_size
     references, train = image_sets(reference, split, image_column, resolution, train_reference, run_dir, needs_train)
     results, protocol = (
@@ -240,7 +243,9 @@ def evaluate(
         protocol["heldout_images"] = len(heldout)
         results |= _score_heldout(unet, scheduler, heldout, metrics, nll_timesteps, seed, batch_size, protocol)
     if "memorization" in metrics or "pet_fd" in metrics or fidelity_metrics:
-        samples = sampling.sample(unet, scheduler, num_samples, num_inference_steps, seed, batch_size, progress=True)
+        samples = sampling.sample(sampler, scheduler, num_samples, num_inference_steps, seed, batch_size, progress=True)
+        if sampler is not unet:
+            protocol |= {"guidance_scale": sampler.guidance_scale, "guidance_interval": sampler.guidance_interval}
         protocol |= {"generated_images": len(samples), "sampler": scheduler_name, "steps": num_inference_steps}
     if "memorization" in metrics:
         picture = Path(report_path).with_name("memorization.png") if report_path is not None else None

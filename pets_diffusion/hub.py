@@ -140,7 +140,7 @@ def export_space(
     )
     for name in SPACE_MODULES:
         shutil.copyfile(Path(__file__).with_name(name), package / name)
-    custom = f", custom_pipeline=\"{GUIDED_PIPELINE_MODULE}\"" if guided else ""
+    custom = f', custom_pipeline="{GUIDED_PIPELINE_MODULE}"' if guided else ""
     app = SPACE_APP.format(model=model_repo_id, package=SPACE_PACKAGE, custom_pipeline=custom)
     (export_dir / "app.py").write_text(app)
     requirements = f"torch>=2.4\ndiffusers=={diffusers.__version__}\ngradio=={gradio.__version__}\n"
@@ -445,7 +445,6 @@ def _samples_caption(guidance: dict) -> str:
 def _guide_parameters(output_dir: Path) -> str:
     config = json.loads((output_dir / GUIDE / "config.json").read_text())
     return " → ".join(str(width) for width in config["block_out_channels"])
-
 
 
 def _evaluation(output_dir: Path, summary: dict) -> str:

@@ -108,4 +108,3 @@ class KeptPipeline:
         best = f"the best save by held-out bits/dim ({kept['bpd']:.4f} at step {kept['step']})"
         last_weights = f"the last weights (step {last['step']}, {last['bpd']:.4f}) are in {last['folder']}/"
         return {**kept, "why": f"{best}; {last_weights}"}
-

@@ -450,4 +450,3 @@ def record_arguments(args, seed: int) -> None:
     if args.dataset_name and args.train_data_dir is None and is_local_dataset(args.dataset_name):
         arguments["dataset_path"] = str(Path(args.dataset_name).expanduser().resolve())  # where it was
     Path(args.output_dir, "training_args.json").write_text(json.dumps(arguments, indent=2) + "\n")
-

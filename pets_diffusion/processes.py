@@ -39,6 +39,7 @@ def make_accelerator(args) -> Accelerator:
         **({"dynamo_backend": "inductor"} if args.use_torch_compile else {}),
     )
 
+
 def log_environment(accelerator: Accelerator) -> None:
     """Log the processes and devices, and what this CPU does best."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -47,10 +48,12 @@ def log_environment(accelerator: Accelerator) -> None:
     if hint is not None:
         logger.info(hint)
 
+
 def tune_cpu_allocator(accelerator: Accelerator) -> None:
     """On a CPU, keep freed activation memory in the process (`allocator.retain_freed_memory`)."""
     if accelerator.device.type == "cpu" and retain_freed_memory():
         logger.info("CPU training: glibc malloc keeps freed activation memory for reuse (no page faults per step)")
+
 
 def bf16_hint(device: torch.device, mixed_precision: str) -> str | None:
     """The advice to train in bf16, for a CPU that runs it natively but is not asked to."""
@@ -62,11 +65,13 @@ def bf16_hint(device: torch.device, mixed_precision: str) -> str | None:
         "on such CPUs"
     )
 
+
 def resolve_mixed_precision(requested: str) -> str:
     """--mixed_precision as Accelerate takes it: `auto` is bf16 where this process's device runs it natively."""
     if requested != "auto":
         return requested
     return "bf16" if native_bf16(process_state().device) else "no"
+
 
 def process_state(ddp_timeout: float | None = None) -> PartialState:
     """Accelerate's process state before the Accelerator exists, set up as the Accelerator will set it up
@@ -77,6 +82,7 @@ def process_state(ddp_timeout: float | None = None) -> PartialState:
     """
     timeout = {} if ddp_timeout is None else {"timeout": timedelta(seconds=ddp_timeout)}
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **timeout)
+
 
 class MainProcessWait:
     """Where the other processes wait while the main process saves, measures or pushes alone.
@@ -102,6 +108,7 @@ class MainProcessWait:
         elif self.accelerator.num_processes > 1:
             self.accelerator.wait_for_everyone()
 
+
 def day_long_gloo_group(accelerator: Accelerator, probe_timeout: timedelta):
     """A gloo group of every process whose collectives may wait MAIN_PROCESS_WAIT, or None (with a warning) when
     a probe group with `probe_timeout` could not connect and pass a barrier on some process; the processes agree
@@ -119,6 +126,7 @@ def day_long_gloo_group(accelerator: Accelerator, probe_timeout: timedelta):
                        "saves within --ddp_timeout", main_process_only=False)  # fmt: skip
         return None
     return dist.new_group(backend="gloo", timeout=MAIN_PROCESS_WAIT)
+
 
 def run_seed(accelerator: Accelerator, args, checkpoint: Path | None, saved_setup: dict | None) -> int:
     """The run's seed: the resumed checkpoint's, else --seed, else one drawn on the main process and sent to all.

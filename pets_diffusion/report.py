@@ -130,8 +130,12 @@ def summarise(run_dir: Path, bound, loss, high_noise, samples: dict, device: str
         "report_device": device,
         "mixed_precision": run["mixed_precision"],
         "parameters": run["parameters"],
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "diffusers": diffusers.__version__, "accelerate": accelerate.__version__},  # fmt: skip
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "accelerate": accelerate.__version__,
+        },  # fmt: skip
         "dataset": args.get("train_data_dir") or args.get("dataset_name"),
         "date": time.strftime("%Y-%m-%d"),
         "progress": run_progress(run_dir, log_dir, run["total_batch_size"], minutes),

@@ -389,8 +389,10 @@ class TrainLoop:
         validation = self.validation
         measure = None
         if validation is not None:
+
             def measure(unet):  # noqa: E306 - the weights about to be saved, or the kept pipeline's
                 return validation.measure_pipeline(unet, self.noise_scheduler, self.accelerator, self.global_step)
+
         fingerprint = validation.fingerprint if validation is not None else None
         with ema_weights(self.ema, self.unwrapped) as unet:
             self.kept.save(unet, self.noise_scheduler, self.global_step, measure, fingerprint)
@@ -417,6 +419,7 @@ class TrainLoop:
         if self.accelerator.is_main_process:
             write_json(Path(self.args.output_dir) / "train_summary.json", summary)
         return summary
+
 
 RATE_MEASURED_AFTER = 50  # steps into an invocation, when the step limit is compared with the plan
 DEFAULT_EPOCHS = 100  # diffusers' example's --num_epochs

@@ -504,4 +504,3 @@ def test_a_pushed_cards_bits_per_dim_are_those_of_the_weights_it_ships(hub, tmp_
     bound = bits_per_dim(unet, scheduler, heldout, 5, seed=0, batch_size=4)
     assert bound["bpd"] == pytest.approx(kept["bpd"], rel=1e-6)  # the shipped weights' own bound
     assert f"**{kept['bpd']:.3f} ± {kept['bpd_stderr']:.3f} bits/dim**" in files["README.md"].decode()
-

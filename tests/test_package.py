@@ -32,7 +32,8 @@ def test_the_wheel_holds_the_package_the_card_template_and_the_entry_points_only
     (wheel,) = dist.glob("pets_diffusion-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     package = sorted(name for name in names if name.startswith("pets_diffusion/"))
-    assert package == sorted(f"pets_diffusion/{path.name}" for path in (ROOT / "pets_diffusion").glob("*.py"))
+    modules = [f"pets_diffusion/{path.name}" for path in (ROOT / "pets_diffusion").glob("*.py")]
+    assert package == sorted([*modules, "pets_diffusion/pet_classifier.safetensors"])  # the measure's weights too
     data = [name for name in names if ".data/" in name]
     assert data == [f"{wheel.name.split('-py3')[0]}.data/data/share/pets-diffusion/model_card.md"]
     others = [name for name in names if name not in package and name not in data]
@@ -68,9 +69,10 @@ def test_installed_from_the_wheel_it_trains_samples_evaluates_and_pushes(dist, h
     run([bin_dir / "pets-diffusion", "sample", work / "run", "--num-images", "4", "--steps", "3",
          "--out", work / "grid.png"], cwd=work, env=env)  # fmt: skip
     assert (work / "grid.png").is_file()
-    run([bin_dir / "pets-diffusion", "evaluate", work / "run", "--split", "heldout", "--nll-timesteps", "2"],
-        cwd=work, env=env)  # fmt: skip
-    assert "bpd" in json.loads((work / "run" / "evaluation.json").read_text())["metrics"]
+    run([bin_dir / "pets-diffusion", "evaluate", work / "run", "--split", "heldout", "--nll-timesteps", "2",
+         "--metrics", "nll,pet_fd", "--num-samples", "16", "--steps", "3"], cwd=work, env=env)  # fmt: skip
+    metrics = json.loads((work / "run" / "evaluation.json").read_text())["metrics"]
+    assert "bpd" in metrics and metrics["pet_fd"] > 0  # the classifier's weights came with the wheel
     hub_vars = hub_env(hub, tmp_path)
     push = run([bin_dir / "pets-diffusion", "push", work / "run", "--repo-id", "tester/from-wheel"], cwd=work,
                env={**env, **{key: value for key, value in hub_vars.items() if key.startswith("HF_")},

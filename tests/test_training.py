@@ -276,4 +276,3 @@ def test_the_plan_counts_training_time_only_and_a_step_limit_that_ends_it_first_
                                         "100000", "--checkpointing_steps", "100000"))  # fmt: skip
     (line,) = [line for line in limited.stderr.splitlines() if "the step limit (60 steps" in line]
     assert "ends the run at about" in line and "% of --lr_schedule_time's plan" in line
-
