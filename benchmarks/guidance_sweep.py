@@ -23,7 +23,7 @@ from pets_diffusion.data import evaluation_tensor
 from pets_diffusion.evaluation import ImageTensors, RunImages
 from pets_diffusion.guidance import AutoGuidedUNet
 from pets_diffusion.memorization import memorization
-from pets_diffusion.pet_features import load_classifier, pet_fd
+from pets_diffusion.pet_features import embed, load_classifier, paired_difference, pet_fd, statistics
 from pets_diffusion.pipeline_folder import check_guide, load_unet, sampling_dtype
 from pets_diffusion.sampling import labelled_sheet
 
@@ -47,6 +47,7 @@ def main() -> None:
     train = RunImages(options.run, "train", resolution).as_floats()
     heldout = RunImages(options.run, "heldout", resolution).as_floats()
     classifier = load_classifier()
+    reference = statistics(embed(classifier, train))
     intervals = [None] + [tuple(int(t) for t in text.split("-")) for text in options.intervals.split(",") if text]
     settings = [("unguided", None, 1.0, None)]
     for guide_path in options.guides:
@@ -55,7 +56,7 @@ def main() -> None:
         for scale in [float(text) for text in options.scales.split(",") if float(text) != 1.0]:
             for interval in intervals:
                 settings.append((guide_path.name if guide_path.name else str(guide_path), guide, scale, interval))
-    rows, names, grids = [], [], []
+    rows, names, grids, baseline = [], [], [], None
     for name, guide, scale, interval in settings:
         model = unet if guide is None else AutoGuidedUNet(unet, guide, scale, interval)
         started = time.perf_counter()
@@ -64,20 +65,26 @@ def main() -> None:
         seconds = time.perf_counter() - started
         floats = evaluation_tensor(ImageTensors(images), resolution)
         score = pet_fd(floats, train, classifier)
+        features = embed(classifier, floats)
+        baseline = features if baseline is None else baseline
+        paired = paired_difference(features, baseline, reference)  # the same noises as the unguided samples
         copying = memorization(floats, train, heldout)
         label = "unguided" if guide is None else f"{name} W {scale:g}"
         label += f" t {interval[0]}-{interval[1]}" if interval else ""
         rows.append({"setting": label, "guide": None if guide is None else name, "scale": scale, "interval": interval,
-                     **score, "memorization_share": copying["memorization_share"], "sampling_s": round(seconds, 1),
+                     **score, "pet_fd_minus_unguided": paired["difference"], "paired_stderr": paired["stderr"],
+                     "memorization_share": copying["memorization_share"], "sampling_s": round(seconds, 1),
                      "images_per_s": round(options.num_images / seconds, 2)})  # fmt: skip
         names.append(label)
         grids.append(sampling.grid(images[:64]))
-        print(f"{label}: pet FD {score['pet_fd']:.3f} ± {score['pet_fd_stderr']:.3f}, memorisation "
-              f"{copying['memorization_share']:.3f}, {seconds:.0f} s", flush=True)  # fmt: skip
+        print(f"{label}: pet FD {score['pet_fd']:.3f} ± {score['pet_fd_stderr']:.3f} ({paired['difference']:+.3f} ± "
+              f"{paired['stderr']:.3f} against unguided, paired), memorisation {copying['memorization_share']:.3f}, "
+              f"{seconds:.0f} s", flush=True)  # fmt: skip
     labelled_sheet(names, grids, columns=min(4, len(grids))).save(options.out / "sheet.png")
-    print("\n| setting | pet FD | memorisation | images/s |\n|---|---:|---:|---:|")
+    print("\n| setting | pet FD | − unguided (paired) | memorisation | images/s |\n|---|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['setting']} | {row['pet_fd']:.3f} ± {row['pet_fd_stderr']:.3f} | "
+              f"{row['pet_fd_minus_unguided']:+.3f} ± {row['paired_stderr']:.3f} | "
               f"{row['memorization_share']:.3f} | {row['images_per_s']} |")  # fmt: skip
     floor = rows[0]
     print(f"floor (as many real training images): {floor['pet_fd_real']:.3f} ± {floor['pet_fd_real_stderr']:.3f}; "

@@ -34,16 +34,16 @@ PIPELINE_FILES = (
 GUIDE_FILES = (f"{GUIDE}/config.json", f"{GUIDE}/diffusion_pytorch_model.safetensors")
 SAMPLES_IMAGE = "samples.png"
 LOSS_IMAGE = "loss_curve.png"
-CARD_SAMPLES = {"num_images": 16, "scheduler": "dpmsolver", "steps": 25, "seed": 0}  # drawn in float32, on the CPU
+CARD_SAMPLES = {"num_images": 16, "scheduler": "dpmsolver", "steps": 25, "seed": 0}  # drawn in float32
 
 
 def draw_card_samples(pipeline_dir: str | Path):
     """The card's grid, drawn from the pipeline folder's own weights (guided as its model_index.json says) with
-    CARD_SAMPLES, in float32 on the CPU: the same pixels on any machine that draws them again."""
+    CARD_SAMPLES, in float32 (on a GPU where there is one): anyone can draw the same pictures again."""
     from . import sampling
     from .pipeline_folder import load_sampling_model
 
-    unet, folder = load_sampling_model(str(pipeline_dir), "cpu", "float32")
+    unet, folder = load_sampling_model(str(pipeline_dir), None, "float32")
     config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
     scheduler = sampling.make_scheduler(CARD_SAMPLES["scheduler"], config)
     images = sampling.sample(unet, scheduler, CARD_SAMPLES["num_images"], CARD_SAMPLES["steps"], CARD_SAMPLES["seed"])

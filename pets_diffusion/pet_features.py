@@ -112,6 +112,23 @@ def frechet_with_stderr(features: np.ndarray, reference: tuple, resamples: int =
     return {"fd": distance, "fd_stderr": float(np.std(boot, ddof=1)), "images": len(features)}
 
 
+def paired_difference(
+    features: np.ndarray, baseline: np.ndarray, reference: tuple, resamples: int = 200, seed: int = 0
+) -> dict:
+    """The distance of `features` minus that of `baseline` (samples drawn from the same noises, row for row), and
+    the standard error of the difference: both resampled with the same bootstrap indices, so that what the two share
+    (which noises, which pets) cancels, as a paired difference of per-image scores does."""
+    mu, sigma = reference
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(resamples):
+        rows = rng.integers(0, len(features), len(features))
+        first = frechet_distance(*statistics(features[rows]), mu, sigma)
+        differences.append(first - frechet_distance(*statistics(baseline[rows]), mu, sigma))
+    whole = frechet_distance(*statistics(features), mu, sigma) - frechet_distance(*statistics(baseline), mu, sigma)
+    return {"difference": whole, "stderr": float(np.std(differences, ddof=1))}
+
+
 def pet_fd(samples: torch.Tensor, references: torch.Tensor, model: PetClassifier | None = None, seed: int = 0) -> dict:
     """The Fréchet distance of `samples` to `references` (both (N, 3, H, W) in [-1, 1], the references brought to
     the samples' resolution first), its standard error, and the floor: as many real images drawn from the

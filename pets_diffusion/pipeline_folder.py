@@ -33,6 +33,8 @@ def save_pipeline(unet: PetsUNet2DModel, noise_scheduler: DDPMScheduler, output_
     shutil.rmtree(staging, ignore_errors=True)
     try:
         DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(staging)
+        index = json.loads((staging / "model_index.json").read_text()) | guide_entries(folder)
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     except Exception as error:  # noqa: BLE001 - a full disk, however the writer reports it
         if not is_disk_full(error, folder):
             raise
@@ -40,9 +42,6 @@ def save_pipeline(unet: PetsUNet2DModel, noise_scheduler: DDPMScheduler, output_
         shutil.rmtree(staging, ignore_errors=True)
         intact = "the previous pipeline is intact" if (folder / "model_index.json").is_file() else "nothing was lost"
         raise out_of_space(folder, "the pipeline", needed, intact) from None
-    index = json.loads((staging / "model_index.json").read_text())
-    index |= guide_entries(folder)
-    (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     for name in ("unet", "scheduler"):
         _replace(staging / name, folder / name)
     (staging / "model_index.json").replace(folder / "model_index.json")
