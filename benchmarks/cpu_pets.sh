@@ -14,7 +14,9 @@
 # The recipe (docs/cpu-pets.md; how it was chosen: benchmarks/RESULTS.md): narrow-32px (32/64/128 channels,
 # attention at 8x8), batch 16, min-SNR γ 5, squaredcos_cap_v2 betas, peak lr 1e-3 after 100 warm-up steps, bf16
 # where the CPU has it; held-out loss every 1,500 steps, a checkpoint every 750 (all kept: a guide may be taken from
-# an early one), a grid every 1,500, the bound at every fourth epoch. Then `pets-diffusion report OUT/run`.
+# an early one), a grid every 1,500, the bound at every fourth epoch. Then the guide (the checkpoint nearest 1/8 of
+# the run's steps, at W = GUIDANCE_SCALE, default 2; GUIDANCE_INTERVAL=LO,HI to guide only there) and
+# `pets-diffusion report OUT/run`.
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
     echo "usage: FULL=FULL_COPY bash benchmarks/cpu_pets.sh DATA OUT [PLAN] [train_unconditional.py flags]" >&2
@@ -62,4 +64,12 @@ status=0
 tr '\r' '\n' <"$OUT/train.log" | grep -E "error|spent|Saved .*checkpoint" | tail -n 3 || true
 [[ $status == 0 ]] || { echo "training failed (exit $status); see $OUT/train.log" >&2; exit 1; }
 echo "${command[*]}" >"$OUT/command.txt"
+# The guide: the run's own checkpoint nearest 1/8 of its steps (its EMA), at W = GUIDANCE_SCALE.
+steps=($(ls -d "$OUT"/run/checkpoint-* | sed 's/.*checkpoint-//' | sort -n))
+guide=${steps[0]}
+for step in "${steps[@]}"; do
+    (( (step - steps[-1] / 8) ** 2 < (guide - steps[-1] / 8) ** 2 )) && guide=$step
+done
+"$PYTHON" -m pets_diffusion.cli guide "$OUT/run" --from "$OUT/run/checkpoint-$guide" \
+    --guidance-scale "${GUIDANCE_SCALE:-2}" ${GUIDANCE_INTERVAL:+--guidance-interval "$GUIDANCE_INTERVAL"}
 "$PYTHON" -m pets_diffusion.cli report "$OUT/run" --out "$OUT/report" ${REPORT_FLAGS:-}

@@ -82,6 +82,7 @@ def recipe_args(data: str, output: str, extra: list[str]) -> list[str]:
 
 def profile_step(data: str, steps: int, flags: list[str]) -> None:
     from pets_diffusion.options import parse_args, validate_args
+    from pets_diffusion.progress import log_step
     from pets_diffusion.train_loop import TrainLoop
 
     with tempfile.TemporaryDirectory() as output:
@@ -104,7 +105,7 @@ def profile_step(data: str, steps: int, flags: list[str]) -> None:
             with record_function("phase: logging"):
                 loop.step_loss = loop.reduced_loss()
                 loop.global_step += 1
-                loop.log_step(0)
+                log_step(loop, 0)
 
         for _ in range(10):  # warm-up (and the allocator's first pages)
             one_step()

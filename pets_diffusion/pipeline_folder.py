@@ -5,6 +5,7 @@ A folder with a guide is still a DDPMPipeline folder: `DDPMPipeline.from_pretrai
 guide's entries as unexpected and ignores them); `guidance.AutoGuidedDDPMPipeline.from_pretrained` loads it guided.
 """
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -74,10 +75,19 @@ def attach_guide(folder: str | Path, guide: PetsUNet2DModel, scale: float, inter
     staging = folder / f".{GUIDE}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     guide.save_pretrained(staging)
+    plain_config(staging)
     _replace(staging, folder / GUIDE)
     module = index.get("unet", [PetsUNet2DModel.__module__, PetsUNet2DModel.__name__])
     index |= {GUIDE: module, "guidance_scale": float(scale), "guidance_interval": list(interval) if interval else None}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def plain_config(unet_dir: Path) -> None:
+    """Keep only the UNet's own entries in its config.json: a checkpoint's EMA also carries EMAModel's settings and
+    the local path it was loaded from."""
+    keys = {"_class_name", "_diffusers_version", *inspect.signature(PetsUNet2DModel.__init__).parameters}
+    config = json.loads((unet_dir / "config.json").read_text())
+    (unet_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k in keys}, indent=2) + "\n")
 
 
 def set_guidance(folder: str | Path, scale: float, interval: tuple[int, int] | None) -> None:

@@ -15,7 +15,7 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_
 
 from .checkpoints import any_process
 from .data import first_line
-from .hardware import bf16_cpu_instructions, describe_cpu, native_bf16, retain_freed_memory
+from .hardware import bf16_cpu_instructions, describe_cpu, float64_device, native_bf16, retain_freed_memory
 from .options import UsageError
 from .runlock import OutputDirBusy, RunLock
 from .storage import read_json
@@ -190,3 +190,10 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU: {describe_cpu()}, {os.cpu_count()} cores"
+
+
+def weight_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[float]:
+    """Each process's sum of its weights in float64: equal sums mean data parallelism kept the processes in sync."""
+    device = float64_device(accelerator.device)
+    checksum = torch.stack([p.detach().to(device, torch.float64).sum() for p in model.parameters()]).sum()
+    return accelerator.gather(checksum[None]).tolist()

@@ -152,6 +152,24 @@ def write_sample_grid(unet, noise_scheduler, args, accelerator: Accelerator, ste
     plot_loss_curve(Path(args.output_dir) / args.logging_dir, Path(args.output_dir) / "loss_curve.png")
 
 
+def log_step(loop, epoch: int) -> None:
+    """A TrainLoop's step to the trackers and the progress bar: loss, learning rate, images/s, gradient norm."""
+    now = time.perf_counter()
+    loop.images_per_second = loop.total_batch_size / (now - loop.step_started)
+    loop.step_started = now
+    logs = {"loss": loop.step_loss, "lr": loop.lr_scheduler.get_last_lr()[0], "images_per_sec": loop.images_per_second}
+    if loop.grad_norm is not None:
+        logs["grad_norm"] = float(loop.grad_norm)
+    if loop.ema is not None:
+        logs["ema_decay"] = loop.ema.cur_decay_value
+    loop.accelerator.log(logs, step=loop.global_step)
+    loop.progress.update(1)
+    postfix = {"loss": f"{loop.step_loss:.4f}", "img_s": f"{loop.images_per_second:.1f}", "epoch": epoch}
+    if loop.validation is not None and "loss" in loop.validation.results:
+        postfix["val_loss"] = f"{loop.validation.results['loss']:.4f}"
+    loop.progress.set_postfix(postfix)
+
+
 def run_summary(loop) -> dict:
     """train_summary.json of a TrainLoop: where, how long and how far the run trained, and which weights its pipeline
     holds; for the model card and the tests."""

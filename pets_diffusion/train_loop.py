@@ -26,7 +26,7 @@ from .checkpoints import (
 )
 from .checkpoints import save_checkpoint as write_checkpoint
 from .data import TrainingImages, augmentation, make_dataloader, prepare_images
-from .hardware import chosen_memory_format, float64_device
+from .hardware import chosen_memory_format
 from .hub import push_run
 from .interruption import EXIT_INTERRUPTED, StopRequests
 from .kept_pipeline import KeptPipeline
@@ -44,7 +44,7 @@ from .optimization import (
 )
 from .options import UsageError, build_model_config, hparams, load_training_images, record_arguments
 from .posthoc_ema import remove_snapshots_after
-from .progress import run_summary, write_sample_grid
+from .progress import log_step, run_summary, write_sample_grid
 from .rollback import DivergenceGuard, TrainingDiverged, roll_back
 from .storage import DiskFull, read_manifest, write_json
 from .unet import PetsUNet2DModel
@@ -272,7 +272,7 @@ class TrainLoop:
 
     def at_step_end(self, epoch: int) -> None:
         """Log, validate, checkpoint and sample when their step counts come round, or the time budget is spent."""
-        self.log_step(epoch)
+        log_step(self, epoch)
         args, step = self.args, self.global_step
         if self.steps_this_run == RATE_MEASURED_AFTER and (args.max_train_steps or args.num_epochs):
             rate = self.steps_this_run / max(self.clock.seconds(), 1e-9)
@@ -313,23 +313,6 @@ class TrainLoop:
             self.save_samples()
         if epoch % args.save_model_epochs == 0 or last_epoch:
             self.save_model(f"Epoch {epoch}, step {self.global_step}", final=last_epoch)
-
-    def log_step(self, epoch: int) -> None:
-        now = time.perf_counter()
-        self.images_per_second = self.total_batch_size / (now - self.step_started)
-        self.step_started = now
-        lr = self.lr_scheduler.get_last_lr()[0]
-        logs = {"loss": self.step_loss, "lr": lr, "images_per_sec": self.images_per_second}
-        if self.grad_norm is not None:
-            logs["grad_norm"] = float(self.grad_norm)
-        if self.ema is not None:
-            logs["ema_decay"] = self.ema.cur_decay_value
-        self.accelerator.log(logs, step=self.global_step)
-        self.progress.update(1)
-        postfix = {"loss": f"{self.step_loss:.4f}", "img_s": f"{self.images_per_second:.1f}", "epoch": epoch}
-        if self.validation is not None and "loss" in self.validation.results:
-            postfix["val_loss"] = f"{self.validation.results['loss']:.4f}"
-        self.progress.set_postfix(postfix)
 
     def save_checkpoint(self) -> None:
         """The training state; with the guard on, the newest checkpoint a trip could need is never pruned."""
@@ -405,11 +388,7 @@ class TrainLoop:
 
     def finish(self) -> dict:
         """Write the final summary, with one weight checksum per process, and close the trackers."""
-        device = float64_device(self.accelerator.device)
-        checksum = torch.stack([p.detach().to(device, torch.float64).sum() for p in self.unwrapped.parameters()]).sum()
-        # Equal checksums of the trained (non-EMA) weights mean data parallelism kept the processes in sync.
-        checksums = self.accelerator.gather(checksum[None]).tolist()
-        summary = self.write_summary({"weight_checksums": checksums})
+        summary = self.write_summary({"weight_checksums": processes.weight_checksums(self.accelerator, self.unwrapped)})
         self.accelerator.end_training()
         return summary
 

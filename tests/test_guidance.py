@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers.training_utils import EMAModel
 from PIL import Image
 
 from pets_diffusion import PetsUNet2DModel, sampling
@@ -118,9 +119,14 @@ def test_the_sample_command_uses_the_folders_guide_and_w_1_turns_it_off(guided_f
 def test_the_guide_command_attaches_a_checkpoints_ema_and_bad_guidance_is_refused_in_one_line(tmp_path):
     folder, checkpoint = tmp_path / "run", tmp_path / "run" / "checkpoint-5" / "unet_ema"
     save_pipeline(tiny(0), DDPMScheduler(num_train_timesteps=50), folder)
-    tiny(1).save_pretrained(checkpoint)
+    weak = tiny(1)
+    EMAModel(weak.parameters(), model_cls=PetsUNet2DModel, model_config=weak.config).save_pretrained(checkpoint)
+    assert "decay" in json.loads((checkpoint / "config.json").read_text())  # as a training checkpoint holds it
     result = run_cli("guide", folder, "--from", checkpoint.parent, "--guidance-scale", "1.5")
     assert result.returncode == 0, result.stderr
+    guide_config = json.loads((folder / GUIDE / "config.json").read_text())  # the UNet's own entries only
+    assert guide_config["block_out_channels"] == list(weak.config.block_out_channels)
+    assert not {"decay", "optimization_step", "_name_or_path"} & set(guide_config)
     assert "unet_ema" in result.stdout and (folder / GUIDE / "diffusion_pytorch_model.safetensors").is_file()
     assert json.loads((folder / "model_index.json").read_text())["guidance_scale"] == 1.5
     refused = run_cli("sample", folder, "--guide", checkpoint.parent, "--out", tmp_path / "x.png")

@@ -4,6 +4,7 @@ sweep (guidance_sweep.py)."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -99,8 +100,12 @@ def test_the_cpu_pets_command_trains_over_its_plan_in_two_invocations_then_draws
     assert "--resume_from_checkpoint latest" in command_line
     assert summary["heldout_images"] == 4 and summary["bpd_kl_timesteps"] == 3 and summary["bpd"] > 0
     assert 0 <= summary["samples"]["unguided"]["memorization_share"] <= 1
+    kept = sorted(int(path.name.split("-")[1]) for path in (out / "run").glob("checkpoint-*"))
+    guide_step = int(re.search(r"copied the guide from \S*checkpoint-(\d+)", result.stdout).group(1))
+    assert guide_step == min(kept, key=lambda step: abs(step - kept[-1] // 8)) and (out / "run" / "guide").is_dir()
+    assert summary["samples"]["guided"]["guidance_scale"] == 2.0 and summary["samples"]["guided"]["pet_fd"] > 0
     for picture in ("samples-dpmsolver-25.png", "samples-ddpm.png", "trajectory.png", "memorization.png",
-                    "progress.png"):  # fmt: skip
+                    "progress.png", "samples-guided.png"):  # fmt: skip
         assert Image.open(out / "report" / picture).size[0] > 0, picture
     compare_two_outs_of_the_same_data(out, tmp_path)
     sweep_guidance(out, tmp_path)
