@@ -2,12 +2,17 @@
 it draws pets from the model that ships with the checkout, then trains."""
 
 import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 from diffusers import DDPMPipeline
 
 from .helpers import ROOT
 from .test_project import readme_commands
 from .venvs import clean_env, fresh_venv, run
+
+PETS_DIFFUSION = Path(sys.executable).with_name("pets-diffusion")
 
 
 def test_the_readme_first_command_trains_in_a_fresh_clone_with_no_data_beside_it_and_no_hub(tmp_path):
@@ -31,3 +36,8 @@ def test_the_readme_first_command_trains_in_a_fresh_clone_with_no_data_beside_it
 
     pets = Image.open(clone / "pets.png")  # 64 samples of the shipped 32x32 model, guided as it ships
     assert pets.size == (8 * 32, 8 * 32) and len(set(pets.getdata())) > 1000
+    for name, extra in (("here.png", []), ("plain.png", ["--guidance-scale", "1"])):  # this checkout's example
+        run([str(PETS_DIFFUSION), "sample", "examples/cpu-pets", "--num-images", "64", "--out", tmp_path / name,
+             *extra], cwd=ROOT)  # fmt: skip
+    assert np.array_equal(np.asarray(pets), np.asarray(Image.open(tmp_path / "here.png")))  # the same model, seed
+    assert not np.array_equal(np.asarray(pets), np.asarray(Image.open(tmp_path / "plain.png")))  # and it is guided

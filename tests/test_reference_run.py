@@ -71,8 +71,9 @@ def test_the_cpu_pets_command_trains_over_its_plan_in_two_invocations_then_draws
                                                     "stretched_unsquashed": ["pet_13.jpg"]}, seed=1)  # fmt: skip
     config = write_tiny_config(tmp_path / "tiny.json")
     out = tmp_path / "pets"
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "FULL": str(full),
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "FULL": str(full), "COMPILE": "0",
            "VALIDATION_IMAGES": "4", "REPORT_FLAGS": "--num-samples 64 --nll-timesteps 3"}  # fmt: skip
+    # (eager: compiling would spend the toy plan's 20 seconds; the compiled path has its own tests)
     toy = ["--model_config_name_or_path", str(config), "--resolution", "16", "--train_batch_size", "4",
            "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "10", "--validation_steps", "2",
            "--validation_bpd_timesteps", "3", "--checkpointing_steps", "2", "--save_images_steps", "2"]  # fmt: skip
