@@ -61,7 +61,8 @@ def main() -> None:
         model = unet if guide is None else AutoGuidedUNet(unet, guide, scale, interval)
         started = time.perf_counter()
         scheduler = sampling.make_scheduler("dpmsolver", config)
-        images = sampling.sample(model, scheduler, options.num_images, 25, seed=0, batch_size=options.batch_size)
+        steps = sampling.capped_steps("dpmsolver", 25, config)
+        images = sampling.sample(model, scheduler, options.num_images, steps, seed=0, batch_size=options.batch_size)
         seconds = time.perf_counter() - started
         floats = evaluation_tensor(ImageTensors(images), resolution)
         score = pet_fd(floats, train, classifier)

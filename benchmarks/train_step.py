@@ -90,7 +90,7 @@ def profile_step(data: str, steps: int, flags: list[str]) -> None:
         validate_args(args)
         loop = TrainLoop(args)
         loop.progress = _Quiet()
-        batches = iter(loop.batches(0))
+        batches = (batch for epoch in range(1_000_000) for batch in loop.batches(epoch))
 
         def one_step() -> None:
             with record_function("phase: data loader"):

@@ -123,16 +123,17 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
 def prune_checkpoints(
     output_dir: str | Path, total_limit: int, protected: Path | None = None, keep_at_or_before: int | None = None
 ) -> None:
-    """Remove the oldest complete checkpoints beyond `total_limit`, never the newest, nor `protected`, nor the newest
-    one saved at or before step `keep_at_or_before` (the one a divergence caught now would roll back to)."""
+    """Remove the oldest complete checkpoints beyond `total_limit`, never the newest, nor `protected`, nor, given
+    `keep_at_or_before`, the newest one saved at or before that step (the one a divergence caught now would roll
+    back to) or any saved after it (one of them is the one a divergence caught later would need)."""
     checkpoints = complete_checkpoints(output_dir)
     kept = {checkpoints[-1].resolve()} if checkpoints else set()
     if protected is not None:
         kept.add(protected.resolve())
-    limit = keep_at_or_before if keep_at_or_before is not None else -1
-    safe = [path for path in checkpoints if checkpoint_step(path) <= limit]
-    if safe:
-        kept.add(safe[-1].resolve())
+    if keep_at_or_before is not None:
+        safe = [path for path in checkpoints if checkpoint_step(path) <= keep_at_or_before]
+        recent = [path for path in checkpoints if checkpoint_step(path) > keep_at_or_before]
+        kept.update(path.resolve() for path in safe[-1:] + recent)
     excess = len(checkpoints) - total_limit
     for old in checkpoints:
         if excess <= 0:

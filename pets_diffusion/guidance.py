@@ -19,10 +19,8 @@ its guide, loaded with `DiffusionPipeline.from_pretrained(repo, custom_pipeline=
 trust_remote_code=True)`.
 """
 
-import inspect
-
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
@@ -82,12 +80,11 @@ class AutoGuidedUNet(nn.Module):
 
 
 def scheduler_input(scheduler, model_output: torch.Tensor, channels: int) -> torch.Tensor:
-    """What the scheduler's step takes from the model output: all of it where the step splits a learned variance
-    off itself (DDPM, DPM-Solver++: a `variance_type` of learned_range), else the prediction's channels only (DDIM,
-    whose step is deterministic). Asked of the scheduler's class: DDIMScheduler.from_config keeps a DDPM config's
-    variance_type unused."""
-    takes_variance = "variance_type" in inspect.signature(type(scheduler).__init__).parameters
-    if takes_variance and scheduler.config.variance_type == "learned_range":
+    """What the scheduler's step takes from the model output: all of it where the step samples with a learned
+    variance (DDPMScheduler with `variance_type` learned_range), else the prediction's channels only. DDIM and
+    DPM-Solver++ are deterministic and use the mean alone (diffusers' DPM-Solver++ drops the variance channels of an
+    ε prediction itself, and fails on those of a v prediction)."""
+    if isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type == "learned_range":
         return model_output
     return model_output[:, :channels]
 

@@ -46,8 +46,16 @@ def draw_card_samples(pipeline_dir: str | Path):
     unet, folder = load_sampling_model(str(pipeline_dir), None, "float32")
     config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
     scheduler = sampling.make_scheduler(CARD_SAMPLES["scheduler"], config)
-    images = sampling.sample(unet, scheduler, CARD_SAMPLES["num_images"], CARD_SAMPLES["steps"], CARD_SAMPLES["seed"])
+    steps = card_sample_steps(config)
+    images = sampling.sample(unet, scheduler, CARD_SAMPLES["num_images"], steps, CARD_SAMPLES["seed"])
     return sampling.grid(images)
+
+
+def card_sample_steps(scheduler_config: dict) -> int:
+    """CARD_SAMPLES' steps, or fewer for a toy schedule of fewer timesteps."""
+    from .sampling import capped_steps
+
+    return capped_steps(CARD_SAMPLES["scheduler"], CARD_SAMPLES["steps"], scheduler_config)
 
 
 class HubError(RuntimeError):
@@ -284,7 +292,7 @@ def render_model_card(output_dir: str | Path, repo_id: str, export_dir: str | Pa
         module_file=f"{REMOTE_MODULE}.py",
         resolution=unet_config["sample_size"],
         samples_image=SAMPLES_IMAGE if (export_dir / SAMPLES_IMAGE).is_file() else "",
-        samples_caption=_samples_caption(guidance),
+        samples_caption=_samples_caption(guidance, scheduler_config),
         guided=bool(guidance),
         guidance_scale=guidance.get("guidance_scale", 1.0),
         guidance_interval=guidance.get("guidance_interval") or "",
@@ -431,10 +439,11 @@ def _duration(seconds: float | None) -> str:
     return f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min {rest % 60} s"
 
 
-def _samples_caption(guidance: dict) -> str:
+def _samples_caption(guidance: dict, scheduler_config: dict) -> str:
     """What the card's grid is: drawn from these weights, with which sampler and seed, guided or not."""
     drawn = (f"{CARD_SAMPLES['num_images']} samples drawn from these weights when the card was written: "
-             f"DPM-Solver++, {CARD_SAMPLES['steps']} steps, seed {CARD_SAMPLES['seed']}, float32")  # fmt: skip
+             f"DPM-Solver++, {card_sample_steps(scheduler_config)} steps, seed {CARD_SAMPLES['seed']}, "
+             "float32")  # fmt: skip
     if guidance:
         interval = guidance.get("guidance_interval")
         where = f" at timesteps {interval[0]}-{interval[1]}" if interval else ""

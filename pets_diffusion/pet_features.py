@@ -95,7 +95,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
     product = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
     cross = np.sqrt(np.clip(product, 0, None)).sum()
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * cross)
+    distance = float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * cross)
+    return max(distance, 0.0)  # d² >= 0; two identical sets can round a hair below it
 
 
 def frechet_with_stderr(features: np.ndarray, reference: tuple, resamples: int = 50, seed: int = 0) -> dict:

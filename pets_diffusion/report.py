@@ -59,7 +59,8 @@ def write_report(
     samples = {"unguided": score_samples(unet, ddpm, train, heldout, out_dir, "memorization.png", count)}
     if guide_entries(run_dir):
         guided, _ = load_sampling_model(str(run_dir), device, "float32")
-        grid = sampling.sample(guided, sampling.make_scheduler("dpmsolver", ddpm.config), 64, 25, seed=0)
+        dpm = sampling.make_scheduler("dpmsolver", ddpm.config)
+        grid = sampling.sample(guided, dpm, 64, sampling.capped_steps("dpmsolver", 25, ddpm.config), seed=0)
         sampling.grid(grid).save(out_dir / "samples-guided.png")
         samples["guided"] = score_samples(guided, ddpm, train, heldout, out_dir, "memorization-guided.png", count)
         samples["guided"] |= {key: guide_entries(run_dir)[key] for key in ("guidance_scale", "guidance_interval")}
@@ -74,7 +75,7 @@ def write_report(
 def draw_pictures(unet, ddpm: DDPMScheduler, out_dir: Path, batch_size: int) -> None:
     """The two grids and the trajectory strip, from seed 0 (the trajectory from seed 1)."""
     dpm = sampling.make_scheduler("dpmsolver", ddpm.config)
-    steps = min(25, ddpm.config.num_train_timesteps - 1)  # 25 unless a toy schedule has fewer timesteps
+    steps = sampling.capped_steps("dpmsolver", 25, ddpm.config)
     images = sampling.sample(unet, dpm, 64, steps, seed=0, batch_size=batch_size, progress=True)
     sampling.grid(images).save(out_dir / "samples-dpmsolver-25.png")
     slow = sampling.make_scheduler("ddpm", ddpm.config)
@@ -86,7 +87,7 @@ def draw_pictures(unet, ddpm: DDPMScheduler, out_dir: Path, batch_size: int) -> 
 def score_samples(model, ddpm, train, heldout, out_dir: Path, picture: str, count: int = MEASURED_SAMPLES) -> dict:
     """`count` DPM-Solver++ samples (seed 0): their Fréchet distance to the training images in the pet classifier's
     features, and their memorisation share (the picture of the nearest written to `picture`)."""
-    steps = min(25, ddpm.config.num_train_timesteps - 1)
+    steps = sampling.capped_steps("dpmsolver", 25, ddpm.config)
     images = sampling.sample(model, sampling.make_scheduler("dpmsolver", ddpm.config), count, steps, 0, 250)
     floats = evaluation_tensor(ImageTensors(images), model.config.sample_size)
     copying = memorization(floats, train, heldout)

@@ -8,7 +8,8 @@ alike. Nothing the diverging weights saved is deleted: later checkpoints and pos
 `diverged/step-<N>/` in the output folder.
 
 The rule compares like with like: the median of the last `window` step losses against the median of the
-`window * REFERENCE_WINDOWS` steps before them, and it must stay `factor` times higher for `patience` steps in a row.
+`window * REFERENCE_WINDOWS` steps before them (at least half as many: the first steps, or since a rollback), and it
+must stay `factor` times higher for `patience` steps in a row.
 Medians, because per-step losses are skewed (small batches, uniform timesteps: the rare low-noise terms are large), so
 a mean of a few steps sits well above a median by itself; a streak, because a collapse stays while noise comes and goes.
 """
@@ -73,7 +74,7 @@ class DivergenceGuard:
         if not math.isfinite(loss):
             return f"the loss became {loss}"
         self.losses.append((step, loss))
-        if len(self.losses) < self.losses.maxlen:  # no reference yet: the first steps, or just after a rollback
+        if len(self.losses) < self.window * (REFERENCE_WINDOWS // 2 + 1):  # no reference yet: the first steps
             return None
         values = [value for _, value in self.losses]
         recent, reference = statistics.median(values[-self.window :]), statistics.median(values[: -self.window])
@@ -91,14 +92,18 @@ class DivergenceGuard:
     def onset(self, step: int, reason: str) -> int:
         """The newest step whose weights surely gave a finite, normal loss.
 
-        The loss of step k is computed from the weights after k - 1 updates (checkpoint-(k-1)'s). A non-finite loss
-        at `step` condemns checkpoint-(step-1); the loss before it was finite, so checkpoint-(step-2) is good. A
-        streak may have begun with the first loss of the window in which it started: the weights that loss was
-        computed from are suspect, those before them good.
+        The loss of step k is computed from the weights after k - 1 updates (checkpoint-(k-1)'s). The rise began
+        at `step` for a non-finite loss, and with the first loss of the window in which a streak started; the good
+        weights are those that made the newest loss before it that was also normal (at most `factor` times the
+        reference median: a finite loss far above it, as a spike gives before the NaN, is not).
         """
-        if reason.startswith("the loss became"):
-            return step - 2
-        return self.suspect_from - 2
+        rise = step if reason.startswith("the loss became") else self.suspect_from
+        values = [value for at, value in self.losses if at < rise]
+        if len(values) <= self.window:  # too few losses to tell normal from not: the one just before the rise
+            return rise - 2
+        threshold = self.factor * statistics.median(values[: -self.window])
+        normal = [at for at, value in self.losses if at < rise and value <= threshold]
+        return normal[-1] - 1 if normal else self.losses[0][0] - 2
 
     def drop_losses_after(self, step: int) -> None:
         """Forget the losses after `step`, the ones the diverging weights made (after a rollback to `step`)."""

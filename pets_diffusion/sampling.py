@@ -34,6 +34,11 @@ def max_steps(name: str, num_train_timesteps: int) -> int:
     return num_train_timesteps - 1 if name == "dpmsolver" else num_train_timesteps
 
 
+def capped_steps(name: str, steps: int, scheduler_config) -> int:
+    """`steps`, or fewer where a (toy) schedule has too few timesteps for the scheduler to take that many."""
+    return min(steps, max_steps(name, scheduler_config["num_train_timesteps"]))
+
+
 def reverse_process(
     unet: torch.nn.Module,
     scheduler,
@@ -45,7 +50,7 @@ def reverse_process(
     """Run the reverse process from `noise`, yielding (index, timestep, x_t, prediction, next sample) each step.
 
     `unet` is a UNet or a `guidance.AutoGuidedUNet`. The prediction is the model's ε, v or x_0 (without a learned
-    variance's channels, which only DDPM's and DPM-Solver++'s steps take: DDIM's is deterministic). x_t and the
+    variance's channels, which only DDPM's step takes: DDIM's and DPM-Solver++'s are deterministic). x_t and the
     scheduler's arithmetic stay in float32 whatever the UNet's dtype: a bf16 UNet sees x_t in bf16 and its output
     comes back as float32. (DDPMPipeline keeps x_t in the UNet's dtype, so with a bf16 UNet every one of its steps
     rounds x_t to bf16's 8-bit mantissa.)

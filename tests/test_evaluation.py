@@ -141,7 +141,7 @@ def test_weights_that_are_not_plain_tensors_are_refused(tmp_path):
 
 @pytest.mark.parametrize(("metrics", "message"), [(["fid", "is"], "unknown metric(s) is"), ([], "no metric named")])
 def test_unknown_or_no_metrics_are_refused_before_any_work(tiny_unet, metrics, message):
-    choices = "nll, loss, memorization, fid, kid"
+    choices = "nll, loss, memorization, pet_fd, fid, kid"
     with pytest.raises(ValueError, match=re.escape(f"{message}; choose from {choices}.")):
         evaluation.evaluate(tiny_unet, DDPMScheduler(num_train_timesteps=50), "/nonexistent", metrics=metrics)
 

@@ -54,7 +54,7 @@ def test_the_lease_command_trains_for_its_budget_chooses_the_ema_then_draws_and_
     assert summary["bpd"] > 0 and 0 < summary["bpd_stderr"] < summary["bpd"]
     drawn = summary["samples"]["unguided"]
     assert drawn["memorization_share"] * 64 == round(drawn["memorization_share"] * 64)  # a share of 64 samples
-    assert drawn["pet_fd"] > drawn["pet_fd_real"] > 0 and drawn["images"] == 64
+    assert drawn["pet_fd"] > drawn["pet_fd_real"] >= 0 and drawn["images"] == 64  # 12 training images: floor ~0
     assert summary["heldout_loss"] > 0
     assert summary["images_seen"] == summary["optimizer_steps"] * 4 > 0 and summary["images_per_sec_median"] > 0
     assert summary["post_hoc_ema"]["selected_by"] == "bpd"  # the EMA was chosen after training
@@ -75,8 +75,8 @@ def test_the_cpu_pets_command_trains_over_its_plan_in_two_invocations_then_draws
            "VALIDATION_IMAGES": "4", "REPORT_FLAGS": "--num-samples 64 --nll-timesteps 3"}  # fmt: skip
     # (eager: compiling would spend the toy plan's 20 seconds; the compiled path has its own tests)
     toy = ["--model_config_name_or_path", str(config), "--resolution", "16", "--train_batch_size", "4",
-           "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "10", "--validation_steps", "2",
-           "--validation_bpd_timesteps", "3", "--checkpointing_steps", "2", "--save_images_steps", "2"]  # fmt: skip
+           "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "10", "--validation_steps", "50",
+           "--validation_bpd_timesteps", "3", "--checkpointing_steps", "50", "--save_images_steps", "50"]  # fmt: skip
     command = ["bash", str(ROOT / "benchmarks" / "cpu_pets.sh"), str(data), str(out), "20s", *toy]
     steps, fractions = [], []
     for invocation, limit in ((1, "8s"), (2, "")):  # the first stopped early by MAX_TRAIN_TIME, the second by the plan
@@ -87,7 +87,7 @@ def test_the_cpu_pets_command_trains_over_its_plan_in_two_invocations_then_draws
         steps.append(summary["optimizer_steps"])
         fractions.append(summary["lr_schedule"]["fraction"])
         assert ("Resumed from" in (out / "train.log").read_text()) == (invocation == 2)
-    assert "--max_train_time 8s ends this invocation before --lr_schedule_time's plan is spent" in (
+    assert "--max_train_time 8 s ends this invocation before --lr_schedule_time's plan is spent" in (
         out / "train.log").read_text()  # fmt: skip
     assert steps[1] > steps[0] > 0  # the second invocation trained on from the first's checkpoint
     assert 0 < fractions[0] < 1 and fractions[1] == 1.0  # the 20-second plan ends where the second one does
@@ -168,7 +168,10 @@ def test_the_cpu_pets_model_configs_load_and_train_a_step(tmp_path, name, widths
 def test_the_speed_benchmarks_run_at_toy_scale(tmp_path):
     data = make_image_folder(tmp_path / "images", count=24, size=(40, 40))
     config = write_tiny_config(tmp_path / "tiny.json")
-    toy = f"--model_config_name_or_path {config} --resolution 16 --train_batch_size 4 --ddpm_num_steps 20"
+    toy = (
+        f"--model_config_name_or_path {config} --resolution 16 --train_batch_size 4 --ddpm_num_steps 20 "
+        "--ddpm_num_inference_steps 10"
+    )
     step = [sys.executable, str(ROOT / "benchmarks" / "train_step.py")]
     profiled = subprocess.run([*step, "profile", str(data), "--steps", "3", "--flags", toy], capture_output=True,
                               text=True, timeout=300)  # fmt: skip

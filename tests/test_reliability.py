@@ -139,6 +139,17 @@ def test_pruning_keeps_the_newest_and_the_resumed_from_checkpoint(tmp_path):
     assert [path.name for path in complete_checkpoints(tmp_path)] == ["checkpoint-8"]
 
 
+def test_pruning_under_the_guard_always_keeps_a_checkpoint_from_before_its_lookback(tmp_path):
+    lookback = 7  # a trip at step s may roll back to the newest checkpoint at or before s - lookback
+    for step in range(5, 100, 5):  # a checkpoint every 5 steps, --checkpoints_total_limit 1
+        _fake_checkpoints(tmp_path, [step])
+        prune_checkpoints(tmp_path, total_limit=1, keep_at_or_before=step - lookback)
+        kept = [checkpoint_step(path) for path in complete_checkpoints(tmp_path)]
+        for trip in range(step, step + 5):  # every step until the next save can find its checkpoint
+            assert trip - lookback < 5 or any(at <= trip - lookback for at in kept), (step, trip, kept)
+        assert len(kept) <= 1 + lookback // 5 + 1  # the limit, exceeded only by the lookback's checkpoints
+
+
 def test_without_the_guard_a_nan_loss_stops_clearly_and_keeps_the_last_good_checkpoint(workspace, tmp_path):
     output = tmp_path / "nan"  # with the guard (the default) tests/test_divergence.py's rollbacks take over
     result = launch(
