@@ -125,7 +125,8 @@ def prune_checkpoints(
 ) -> None:
     """Remove the oldest complete checkpoints beyond `total_limit`, never the newest, nor `protected`, nor, given
     `keep_at_or_before`, the newest one saved at or before that step (the one a divergence caught now would roll
-    back to) or any saved after it (one of them is the one a divergence caught later would need)."""
+    back to) and the oldest one saved after it (the one it becomes as the run goes on): at most two beyond the
+    limit."""
     checkpoints = complete_checkpoints(output_dir)
     kept = {checkpoints[-1].resolve()} if checkpoints else set()
     if protected is not None:
@@ -133,7 +134,7 @@ def prune_checkpoints(
     if keep_at_or_before is not None:
         safe = [path for path in checkpoints if checkpoint_step(path) <= keep_at_or_before]
         recent = [path for path in checkpoints if checkpoint_step(path) > keep_at_or_before]
-        kept.update(path.resolve() for path in safe[-1:] + recent)
+        kept.update(path.resolve() for path in safe[-1:] + recent[:1])
     excess = len(checkpoints) - total_limit
     for old in checkpoints:
         if excess <= 0:

@@ -39,7 +39,9 @@ def test_a_run_writes_pipeline_checkpoints_logs_samples_and_plot(six_step_run):
     assert (output / "model_index.json").is_file()
     assert (output / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (output / "scheduler" / "scheduler_config.json").is_file()
-    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    # The limit (2) holds: the newest, and the oldest inside the divergence guard's lookback (31 steps), which a trip
+    # would roll back to once the run is past it (checkpoints.prune_checkpoints).
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-6"]
     assert not list(output.glob(".*partial"))
     checkpoint = output / "checkpoint-6"
     assert (checkpoint / "unet" / "diffusion_pytorch_model.safetensors").is_file()
@@ -101,8 +103,8 @@ def test_resume_from_latest_continues_and_respects_the_limit(workspace, six_step
     ))  # fmt: skip
     summary = json.loads((output / "train_summary.json").read_text())
     assert summary["global_step"] == 10 and summary["steps_this_run"] == 4
-    # The limit holds; the checkpoint resumed from (6) is never removed, so 8 went instead.
-    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-6"]
+    # The limit holds besides the two never removed: the checkpoint resumed from (6) and the guard's (2), so 8 went.
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-2", "checkpoint-6"]
     assert [step for step, _ in read_scalars(output / "logs", "loss")] == list(range(1, 11))
 
 
