@@ -1,5 +1,5 @@
-"""Compare training runs on the same held-out images: bits/dim (paired), its parts, held-out loss, the loss at
-high noise (paired), DDPM grids, and one picture of every run's 64 samples side by side.
+"""Compare training runs on the same held-out images: bits/dim (paired), its parts, held-out loss (paired), the
+loss at high noise (paired), DDPM grids, and one picture of every run's 64 samples side by side.
 
     python benchmarks/compare_runs.py runs/fixed runs/learned --out runs/compare --grids 50,100,1000
     python benchmarks/compare_runs.py runs/screen/* --out runs/screen-compare --grids "" --sheet
@@ -60,7 +60,7 @@ def main() -> None:
         rows.append({
             "run": str(run), "resolution": unet.config.sample_size, "variance_type": scheduler.config.variance_type,
             "bound": bound,
-            "loss": loss["loss"], "loss_stderr": loss["loss_stderr"], "high_noise": high_noise,
+            "loss": loss, "high_noise": high_noise,
             "evaluation_s": time.perf_counter() - started,
             "global_step": summary["global_step"], "train_wall_time_s": summary["wall_time_s"],
         })  # fmt: skip
@@ -77,23 +77,26 @@ def main() -> None:
         paired = row["resolution"] == rows[0]["resolution"]
         difference = paired_difference(row["bound"], rows[0]["bound"]) if paired else (None, None)
         row["bpd_minus_first"], row["bpd_minus_first_stderr"] = difference
-        first = rows[0]["high_noise"]
-        difference = paired_difference(row["high_noise"], first, "loss_per_image") if paired else (None, None)
-        row["high_noise_minus_first"], row["high_noise_minus_first_stderr"] = difference
+        for key in ("loss", "high_noise"):
+            difference = paired_difference(row[key], rows[0][key], "loss_per_image") if paired else (None, None)
+            row[f"{key}_minus_first"], row[f"{key}_minus_first_stderr"] = difference
     print(f"| run | variance | bits/dim | decoder | KL terms | minus {rows[0]['run']} (paired) | held-out loss | "
-          f"loss at t >= {rows[0]['high_noise']['first_timestep']} | minus the first (paired) |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"minus the first (paired) | loss at t >= {rows[0]['high_noise']['first_timestep']} | "
+          "minus the first (paired) |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        bound, high_noise = row["bound"], row["high_noise"]
+        bound, loss, high_noise = row["bound"], row["loss"], row["high_noise"]
         print(f"| {row['run']} | {row['variance_type']} | {bound['bpd']:.4f} ± {bound['bpd_stderr']:.4f} | "
               f"{bound['decoder_bpd']:.4f} | {bound['kl_bpd']:.4f} ± {bound['kl_bpd_stderr']:.4f} | "
               f"{plus_minus(row['bpd_minus_first'], row['bpd_minus_first_stderr'], 4)} | "
-              f"{row['loss']:.5f} ± {row['loss_stderr']:.5f} | "
+              f"{loss['loss']:.5f} ± {loss['loss_stderr']:.5f} | "
+              f"{plus_minus(row['loss_minus_first'], row['loss_minus_first_stderr'], 5)} | "
               f"{high_noise['loss']:.5f} ± {high_noise['loss_stderr']:.5f} | "
               f"{plus_minus(row['high_noise_minus_first'], row['high_noise_minus_first_stderr'], 5)} |")  # fmt: skip
     for row in rows:
         row["bound"] = {key: value for key, value in row["bound"].items() if key != "bpd_per_image"}
-        row["high_noise"] = {key: value for key, value in row["high_noise"].items() if key != "loss_per_image"}
+        for key in ("loss", "high_noise"):
+            row[key] = {name: value for name, value in row[key].items() if name != "loss_per_image"}
     (options.out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 

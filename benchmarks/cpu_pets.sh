@@ -13,10 +13,10 @@
 # learning rate decays linearly to zero and which ends the run (a resume keeps the plan it started with).
 # The recipe (docs/cpu-pets.md; how it was chosen: benchmarks/RESULTS.md): narrow-32px (32/64/128 channels,
 # attention at 8x8), batch 16, min-SNR γ 5, squaredcos_cap_v2 betas, peak lr 1e-3 after 100 warm-up steps, bf16
-# where the CPU has it, the UNet compiled (COMPILE=0: eager); held-out loss every 1,500 steps, a checkpoint every
-# 750 (all kept: a guide may be taken from an early one), a grid every 1,500, the bound at every fourth epoch. Then
-# the guide (the checkpoint nearest 1/8 of the run's steps, at W = GUIDANCE_SCALE, default 2; GUIDANCE_INTERVAL=LO,HI
-# to guide only there) and `pets-diffusion report OUT/run`.
+# where the CPU has it, the UNet compiled for a plan of 15 minutes or more (COMPILE below); held-out loss every 1,500
+# steps, a checkpoint every 750 (all kept: a guide may be taken from an early one), a grid every 1,500, the bound at
+# every fourth epoch. Then the guide (the checkpoint nearest 1/8 of the run's steps, at W = GUIDANCE_SCALE, default 2;
+# GUIDANCE_INTERVAL=LO,HI to guide only there) and `pets-diffusion report OUT/run`.
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
     echo "usage: FULL=FULL_COPY bash benchmarks/cpu_pets.sh DATA OUT [PLAN] [train_unconditional.py flags]" >&2
@@ -48,8 +48,24 @@ fi
 limit=()
 [[ -n ${MAX_TRAIN_TIME:-} ]] && limit=(--max_train_time "$MAX_TRAIN_TIME")
 THREADS=${OMP_NUM_THREADS:-$(nproc)}
-compiled=(--use_torch_compile)  # 1.10x the images/s on a 2-core Zen 4 EPYC, after a first step of 40 s
-[[ ${COMPILE:-1} == 0 ]] && compiled=()
+# Compiling the UNet gives 1.10-1.18x the images/s for a first step of up to 90 s (2-core Zen 4 EPYC,
+# benchmarks/train_step.py compare; a few seconds once inductor's cache holds it): it repays that within 12 minutes
+# of training. So COMPILE=auto (the default) compiles a plan of 15 minutes or more and leaves a shorter one eager;
+# COMPILE=1 or 0 decides it.
+plan_s=$("$PYTHON" -c "import argparse, sys, pets_diffusion.options as options
+try: print(int(options.duration(sys.argv[1])))
+except argparse.ArgumentTypeError as error: sys.exit(f'PLAN: {error}')" "$PLAN")
+repays=$((plan_s >= 900))
+case ${COMPILE:-auto} in
+    1 | 0) compile=$COMPILE why="COMPILE=$COMPILE" ;;
+    auto)
+        compile=$repays
+        why="a plan of $PLAN $( ((repays)) && echo repays || echo "would not repay") the first step" ;;
+    *) echo "COMPILE must be auto, 1 or 0; got ${COMPILE}" >&2; exit 2 ;;
+esac
+compiled=()
+((compile)) && compiled=(--use_torch_compile)
+echo "The UNet runs $( ((compile)) && echo compiled || echo eager): $why"
 command=("$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --num_cpu_threads_per_process
     "$THREADS" --mixed_precision no --dynamo_backend no "$ROOT/train_unconditional.py"
     --dataset_name "$OUT/data/full.parquet" --validation_dataset "$OUT/data/heldout.parquet"

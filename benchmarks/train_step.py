@@ -6,9 +6,10 @@
 `profile` builds the recipe's TrainLoop (narrow-32px, batch 16, min-SNR 5, bf16 where the CPU has it) on DATA
 and profiles whole steps as the loop takes them: the batch from the data loader, forward and loss, backward,
 clipping and AdamW, the EMA update, logging. It prints each phase's and each kind of operator's share of the step
-(convolutions, norms and the dtype casts around them, activations, attention, optimiser, EMA, loss), and the step's
-arithmetic rate (FlopCounterMode's count of one forward and backward) against this CPU's bf16 matmul peak,
-measured in the same process (a 2048x2048 product).
+(convolutions, norms and the dtype casts around them, activations, attention, optimiser, EMA, loss), and the
+arithmetic rate of the step and of each kind that does arithmetic (FlopCounterMode's count of one forward and
+backward over the profiled time) against this CPU's bf16 matmul peak, measured in the same process (a 2048x2048
+product).
 
 `compare` trains the recipe with `accelerate launch train_unconditional.py` for --steps steps in each
 configuration, alternating them (--rounds times each), and prints the median images/s over each run's last 80 %
@@ -121,6 +122,10 @@ def profile_step(data: str, steps: int, flags: list[str]) -> None:
             loop.forward_backward(batch)
         loop.optimizer.zero_grad(set_to_none=True)
         flops = counter.get_total_flops()
+        flops_by_kind = {}
+        for op, count in counter.get_flop_counts()["Global"].items():  # aten.mm -> aten::mm, as the profiler names it
+            kind = kind_of(str(op).replace(".", "::", 1))
+            flops_by_kind[kind] = flops_by_kind.get(kind, 0) + count
     peak = matmul_peak()
     events = profiler.key_averages()
     print(f"# CPU pets training step: {Path(args.model_config_name_or_path).stem}, batch {args.train_batch_size}, "
@@ -138,13 +143,24 @@ def profile_step(data: str, steps: int, flags: list[str]) -> None:
     for event in events:
         if event.key.startswith("phase: "):
             continue
-        kind = next((k for k, parts in KINDS.items() if any(p in event.key for p in parts)), "elementwise and other")
+        kind = kind_of(event.key)
         seconds[kind] = seconds.get(kind, 0.0) + event.self_cpu_time_total / 1e6 / steps
-    print("\n| kind of operator | ms per step | share of the step |\n|---|---:|---:|")
+    print("\n| kind of operator | ms per step | share of the step | GFLOP per step | its rate, % of the bf16 peak |")
+    print("|---|---:|---:|---:|---:|")
     for kind, value in sorted(seconds.items(), key=lambda item: -item[1]):
-        print(f"| {kind} | {value * 1e3:.1f} | {100 * value / step_s:.1f} % |")
+        work = flops_by_kind.get(kind, 0)
+        counted = f"{work / 1e9:.3g} | {100 * work / value / peak:.1f} %" if work else "- | -"
+        print(f"| {kind} | {value * 1e3:.1f} | {100 * value / step_s:.1f} % | {counted} |")
     outside = max(step_s - sum(seconds.values()), 0.0)
     print(f"| outside every operator (Python, dispatch) | {outside * 1e3:.1f} | {100 * outside / step_s:.1f} % |")
+    print(
+        "\n(-: no FLOPs counted; FlopCounterMode has no formula for the CPU's flash attention, so the step's count "
+        "leaves attention's products out)"
+    )
+
+
+def kind_of(operator: str) -> str:
+    return next((kind for kind, parts in KINDS.items() if any(p in operator for p in parts)), "elementwise and other")
 
 
 class _Quiet:

@@ -10,6 +10,7 @@ import matplotlib
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from diffusers import DDPMScheduler
 
 matplotlib.use("Agg")
@@ -18,6 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from . import sampling  # noqa: E402
 from .processes import device_name  # noqa: E402
+
+logger = get_logger(__name__)
 
 
 def scalar_events(log_dir: str | Path, tag: str) -> list[tuple[float, list]]:
@@ -153,8 +156,11 @@ def write_sample_grid(unet, noise_scheduler, args, accelerator: Accelerator, ste
 
 
 def log_step(loop, epoch: int) -> None:
-    """A TrainLoop's step to the trackers and the progress bar: loss, learning rate, images/s, gradient norm."""
+    """A TrainLoop's step to the trackers and the progress bar: loss, learning rate, images/s, gradient norm; and
+    the first step's time, which holds compiling where the UNet is compiled (the cost a short run must repay)."""
     now = time.perf_counter()
+    if loop.steps_this_run == 1:
+        logger.info(f"The first step took {now - loop.step_started:.1f} s")
     loop.images_per_second = loop.total_batch_size / (now - loop.step_started)
     loop.step_started = now
     logs = {"loss": loop.step_loss, "lr": loop.lr_scheduler.get_last_lr()[0], "images_per_sec": loop.images_per_second}

@@ -4,6 +4,7 @@ upsampling, in-place residual blocks, float32 GroupNorm, bf16."""
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -179,6 +180,8 @@ def test_training_runs_with_bf16_compiled_and_without_channels_last(tmp_path, ex
     if extra[0] == "--mixed_precision":
         assert summary["mixed_precision"] == "bf16"
     assert ("The UNet runs compiled" in result.stderr) == ("--use_torch_compile" in extra)
+    first_steps = re.findall(r"The first step took (\d+\.\d) s", result.stderr)  # compiling included, if compiled
+    assert len(first_steps) == 1 and float(first_steps[0]) >= 0, result.stderr[-2000:]
     assert summary["channels_last"] == ("--no-channels_last" not in extra)  # on CPU channels-last is the default
     assert (output / "samples" / "step-0000003.png").is_file()
 

@@ -71,9 +71,8 @@ def test_the_cpu_pets_command_trains_over_its_plan_in_two_invocations_then_draws
                                                     "stretched_unsquashed": ["pet_13.jpg"]}, seed=1)  # fmt: skip
     config = write_tiny_config(tmp_path / "tiny.json")
     out = tmp_path / "pets"
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "FULL": str(full), "COMPILE": "0",
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "FULL": str(full),
            "VALIDATION_IMAGES": "4", "REPORT_FLAGS": "--num-samples 64 --nll-timesteps 3"}  # fmt: skip
-    # (eager: compiling would spend the toy plan's 20 seconds; the compiled path has its own tests)
     toy = ["--model_config_name_or_path", str(config), "--resolution", "16", "--train_batch_size", "4",
            "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "10", "--validation_steps", "50",
            "--validation_bpd_timesteps", "3", "--checkpointing_steps", "50", "--save_images_steps", "50"]  # fmt: skip
@@ -83,12 +82,15 @@ def test_the_cpu_pets_command_trains_over_its_plan_in_two_invocations_then_draws
         result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path,
                                 env={**env, "MAX_TRAIN_TIME": limit})  # fmt: skip
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        # compiling would spend the toy plan's 20 seconds: the recipe's rule leaves a plan under 10 minutes eager
+        assert "The UNet runs eager: a plan of 20s would not repay the first step" in result.stdout
         summary = json.loads((out / "report" / "report.json").read_text())
         steps.append(summary["optimizer_steps"])
         fractions.append(summary["lr_schedule"]["fraction"])
         assert ("Resumed from" in (out / "train.log").read_text()) == (invocation == 2)
     assert "--max_train_time 8 s ends this invocation before --lr_schedule_time's plan is spent" in (
         out / "train.log").read_text()  # fmt: skip
+    assert "The UNet runs compiled" not in (out / "train.log").read_text()
     assert steps[1] > steps[0] > 0  # the second invocation trained on from the first's checkpoint
     assert 0 < fractions[0] < 1 and fractions[1] == 1.0  # the 20-second plan ends where the second one does
     assert summary["heldout_loss_high_noise"] > 0 and summary["progress"]["high_noise"]
@@ -141,6 +143,7 @@ def compare_two_outs_of_the_same_data(out, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = json.loads((tmp_path / "compare" / "compare.json").read_text())
     assert second["high_noise_minus_first"] == 0 and second["bpd_minus_first"] == 0  # the same weights, paired
+    assert second["loss_minus_first"] == 0 and second["loss"]["loss"] == first["loss"]["loss"] > 0
     assert {path.name for path in (tmp_path / "compare").glob("*-ddpm-2.png")} == {"pets-run-ddpm-2.png",
                                                                                    "twin-run-ddpm-2.png"}  # fmt: skip
     others = Dataset.from_parquet(str(out / "data" / "full.parquet")).select(range(first["high_noise"]["num_images"]))
@@ -178,6 +181,9 @@ def test_the_speed_benchmarks_run_at_toy_scale(tmp_path):
     assert profiled.returncode == 0, profiled.stderr[-3000:]
     assert "% of this CPU's bf16 matmul peak" in profiled.stdout and "| forward, loss and backward |" in profiled.stdout
     assert "| convolutions |" in profiled.stdout and "| EMA |" in profiled.stdout
+    convolutions = re.search(r"\| convolutions \| [\d.]+ \| [\d.]+ % \| ([\d.e-]+) \| ([\d.]+) % \|", profiled.stdout)
+    assert convolutions and float(convolutions[1]) > 0 and float(convolutions[2]) > 0, profiled.stdout
+    assert re.search(r"\| norms \| [\d.]+ \| [\d.]+ % \| - \| - \|", profiled.stdout), profiled.stdout  # no FLOPs
     compared = subprocess.run([*step, "compare", str(data), "--steps", "6", "--rounds", "1", "--configurations",
                                "eager,2proc", "--flags", toy], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert compared.returncode == 0, compared.stderr[-3000:]
