@@ -49,9 +49,9 @@ limit=()
 [[ -n ${MAX_TRAIN_TIME:-} ]] && limit=(--max_train_time "$MAX_TRAIN_TIME")
 THREADS=${OMP_NUM_THREADS:-$(nproc)}
 # Compiling the UNet gives 1.10-1.18x the images/s for a first step of up to 90 s (2-core Zen 4 EPYC,
-# benchmarks/train_step.py compare; a few seconds once inductor's cache holds it): it repays that within 12 minutes
-# of training. So COMPILE=auto (the default) compiles a plan of 15 minutes or more and leaves a shorter one eager;
-# COMPILE=1 or 0 decides it.
+# benchmarks/train_step.py compare; a few seconds once inductor's cache holds it): at the median 1.14x it repays
+# that after 12 minutes of training. So COMPILE=auto (the default) compiles a plan of 15 minutes or more and leaves
+# a shorter one eager; COMPILE=1 or 0 decides it.
 plan_s=$("$PYTHON" -c "import argparse, sys, pets_diffusion.options as options
 try: print(int(options.duration(sys.argv[1])))
 except argparse.ArgumentTypeError as error: sys.exit(f'PLAN: {error}')" "$PLAN")
