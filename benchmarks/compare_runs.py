@@ -69,7 +69,7 @@ def main() -> None:
             sampling.grid(images).save(options.out / f"{name}-ddpm-{steps}.png")
         if options.sheet:
             dpm = sampling.make_scheduler("dpmsolver", scheduler.config)
-            steps = min(25, scheduler.config.num_train_timesteps - 1)  # 25 unless a toy schedule has fewer
+            steps = sampling.capped_steps("dpmsolver", 25, scheduler.config)
             grids.append(sampling.grid(sampling.sample(unet, dpm, 64, steps, seed=0, batch_size=64)))
     if options.sheet:
         labelled_sheet(names, grids, columns=min(4, len(grids))).save(options.out / "sheet.png")

@@ -86,7 +86,7 @@ def draw_grids(run_dir, unet, scheduler_config, sigma_rels, step, path: Path, nu
     """One sample grid per EMA (the run's, then each σ_rel), side by side under their names, from the same noise."""
     pictures, names = [], []
     scheduler = sampling.make_scheduler("dpmsolver", scheduler_config)
-    steps = min(steps, sampling.max_steps("dpmsolver", scheduler_config["num_train_timesteps"]))
+    steps = sampling.capped_steps("dpmsolver", steps, scheduler_config)
     with weights_restored(unet):
         for candidate in (STANDARD, *sigma_rels):
             if candidate != STANDARD:

@@ -159,10 +159,10 @@ def log_step(loop, epoch: int) -> None:
     """A TrainLoop's step to the trackers and the progress bar: loss, learning rate, images/s, gradient norm; and
     the first step's time, which holds compiling where the UNet is compiled (the cost a short run must repay)."""
     now = time.perf_counter()
+    seconds, loop.step_started = now - loop.step_started, now
     if loop.steps_this_run == 1:
-        logger.info(f"The first step took {now - loop.step_started:.1f} s")
-    loop.images_per_second = loop.total_batch_size / (now - loop.step_started)
-    loop.step_started = now
+        logger.info(f"The first step took {seconds:.1f} s")
+    loop.images_per_second = loop.total_batch_size / seconds
     logs = {"loss": loop.step_loss, "lr": loop.lr_scheduler.get_last_lr()[0], "images_per_sec": loop.images_per_second}
     if loop.grad_norm is not None:
         logs["grad_norm"] = float(loop.grad_norm)
