@@ -82,7 +82,7 @@ def test_the_cpu_pets_command_trains_over_its_plan_in_two_invocations_then_draws
         result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path,
                                 env={**env, "MAX_TRAIN_TIME": limit})  # fmt: skip
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        # compiling would spend the toy plan's 20 seconds: the recipe's rule leaves a plan under 10 minutes eager
+        # compiling would spend the toy plan's 20 seconds: the recipe's rule leaves a plan under 15 minutes eager
         assert "The UNet runs eager: a plan of 20s would not repay the first step" in result.stdout
         summary = json.loads((out / "report" / "report.json").read_text())
         steps.append(summary["optimizer_steps"])
